@@ -1,0 +1,77 @@
+"""The demo: a small ViT + GPT-2 captioner trained from scratch on the
+embedded synthetic shapes data, on the CPU, in about eight minutes.
+
+  capjax train --config configs/demo.py --workdir runs/demo
+  capjax train --config configs/demo.py --config.train.steps=100 --workdir /tmp/x
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0
+
+  c.data = ConfigDict()
+  c.data.train = "data/demo/prepared/train"  # folders written by `capjax prepare`
+  c.data.eval = "data/demo/prepared/val"
+  c.data.image_size = 64
+  c.data.resize = "crop"  # shorter side + centre crop, or "squash"
+  c.data.max_length = 24  # decoder tokens, BOS/EOS included
+  # Captions decoded per image per step, drawn afresh from its five each time:
+  # the encoder runs once for all of them. Two, with 64 images a step, buys
+  # more accuracy per CPU-minute than five with 32 (the encoder must see many
+  # images to tell shapes apart).
+  c.data.captions_per_image = 2
+  c.data.worker_count = 1  # Grain worker processes (0: in the main process)
+  c.data.prefetch = 4  # batches buffered per worker
+
+  c.tokenizer = ConfigDict()
+  c.tokenizer.path = ""  # a Hugging Face tokenizer folder; empty: train a BPE
+  c.tokenizer.vocab_size = 384  # of the BPE trained on the training captions
+
+  c.model = ConfigDict()
+  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  c.model.image_mean = (0.5, 0.5, 0.5)
+  c.model.image_std = (0.5, 0.5, 0.5)
+  c.model.encoder = ConfigDict(dict(
+      hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+      intermediate_size=512, image_size=64, patch_size=8))
+  c.model.decoder = ConfigDict(dict(
+      vocab_size=0,  # 0: the tokenizer's size
+      n_positions=32, n_embd=128, n_layer=2, n_head=4))
+
+  c.train = ConfigDict()
+  c.train.steps = 850
+  c.train.batch_size = 64  # images per step, all processes together
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 100
+  c.train.schedule = "cosine"  # or "linear", "constant"
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.grad_clip = 1.0
+  c.train.log_every = 20
+
+  c.checkpoint = ConfigDict()
+  c.checkpoint.every_steps = 250
+  c.checkpoint.keep = 2
+
+  c.eval = ConfigDict()
+  c.eval.batch_size = 100
+  c.eval.max_length = 24  # generated tokens
+  c.eval.num_samples = 3  # captions printed at the end
+  c.eval.content_accuracy = True  # parse captions with the synthetic grammar
+
+  c.mesh = ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = (
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("norm", None),
+  )
+  return c

@@ -1,0 +1,76 @@
+"""capjax's prepared format: ArrayRecord shards of msgpack records.
+
+A record is `{"id": str, "image": bytes, "captions": [str, ...]}`: one image
+with all of its captions, the image's encoded bytes as they were on disk.
+A prepared folder holds `data-XXXXX-of-YYYYY.array_record` shards and a
+`manifest.json` with the counts `prepare` reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import msgpack
+from array_record.python import array_record_data_source, array_record_module
+
+MANIFEST = "manifest.json"
+
+
+def encode_record(record_id: str, image: bytes, captions: list[str]) -> bytes:
+  return msgpack.packb({"id": record_id, "image": image, "captions": list(captions)},
+                       use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+  return msgpack.unpackb(data, raw=False)
+
+
+def shard_path(folder: str, index: int, count: int) -> str:
+  return os.path.join(folder, f"data-{index:05d}-of-{count:05d}.array_record")
+
+
+def write_shard(path: str, records: list[bytes]) -> None:
+  # group_size:1 keeps random access to one record cheap.
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for r in records:
+    writer.write(r)
+  writer.close()
+
+
+class PreparedSource:
+  """A Grain random-access source over a folder written by `capjax prepare`."""
+
+  def __init__(self, folder: str):
+    self.folder = os.path.abspath(folder)
+    manifest = os.path.join(self.folder, MANIFEST)
+    if not os.path.isfile(manifest):
+      raise FileNotFoundError(f"{folder}: not a prepared dataset (no {MANIFEST}); "
+                              "run `capjax prepare` first")
+    with open(manifest) as f:
+      self.manifest = json.load(f)
+    self.paths = sorted(glob.glob(os.path.join(self.folder, "data-*.array_record")))
+    if len(self.paths) != self.manifest["shards"]:
+      raise ValueError(f"{folder}: {len(self.paths)} shards on disk, the manifest "
+                       f"names {self.manifest['shards']}")
+    self._source = None
+
+  def _reader(self):
+    # Opened lazily, so the source pickles cheaply into Grain's worker processes.
+    if self._source is None:
+      self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+    return self._source
+
+  def __len__(self) -> int:
+    return int(self.manifest["records"])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return decode_record(self._reader()[index])
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  def __repr__(self) -> str:  # Grain compares it when restoring iterator state.
+    return f"PreparedSource({self.folder!r}, records={len(self)})"

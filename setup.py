@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="capjax",
+    version="0.1.0",
+    description="Image-captioning training in JAX: Grain input, sharded jit training, "
+                "Orbax checkpoints, COCO caption metrics.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["pipeline*", "trainer*", "configs*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "array-record>=0.8,<0.9",
+        "tensorflow-datasets>=4.9.10,<5",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22,<1",
+        "evaluate>=0.4.6,<0.5",
+        "nltk>=3.9,<4",
+        "rouge-score>=0.1.2,<0.2",
+        "Pillow>=11,<14",
+        "simplejpeg>=1.8,<2",
+        "opencv-python-headless>=4.10,<6",
+        "clu>=0.0.12,<0.1",
+        "tensorflow-cpu>=2.20,<3",
+        "tensorboard>=2.20,<3",
+        "ml-collections>=1.0,<2",
+        "msgpack>=1.0,<2",
+        "numpy>=2.0,<3",
+    ],
+    extras_require={"test": ["pytest>=8,<10", "pycocoevalcap==1.2"]},
+    entry_points={"console_scripts": ["capjax=trainer.cli:main"]},
+)

@@ -1,0 +1,74 @@
+"""Orbax checkpoints of a run: parameters, optimiser state, the Grain
+iterator's state and the config, under `WORKDIR/checkpoints/STEP/`.
+
+Saves are asynchronous and atomic (Orbax writes into a temporary folder and
+renames it when complete), so a run killed mid-save resumes from the previous
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+
+def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         enable_async_checkpointing=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
+         data_iter: Any, config: ConfigDict) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(config.to_dict()),
+  ))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
+                        abstract_opt_state: Any, data_iter: Any) -> tuple[Any, Any]:
+  """Restores parameters and optimiser state with the given shardings, and the
+  iterator's position in place."""
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params),
+      opt_state=ocp.args.StandardRestore(abstract_opt_state),
+      data=grain.checkpoint.CheckpointRestore(data_iter),
+  ))
+  return out.params, out.opt_state
+
+
+def find(path: str) -> tuple[str, int]:
+  """A run directory, its `checkpoints/` folder or one step folder, to
+  (run directory, step); the latest step unless one is named."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--checkpoint {path}: no such directory")
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+    return os.path.dirname(os.path.dirname(path)), int(base)
+  workdir = os.path.dirname(path) if base == "checkpoints" else path
+  step = manager(workdir, read_only=True).latest_step()
+  if step is None:
+    raise FileNotFoundError(f"--checkpoint {path}: holds no complete checkpoint")
+  return workdir, step
+
+
+def load_config(workdir: str, step: int) -> ConfigDict:
+  out = manager(workdir, read_only=True).restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ConfigDict(out.config)
+
+
+def load_params(workdir: str, step: int, abstract_params: Any) -> Any:
+  out = manager(workdir, read_only=True).restore(
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+  return out.params

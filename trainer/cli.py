@@ -1,0 +1,195 @@
+"""The `capjax` command: prepare, train, eval, predict.
+
+Configs are Python files (`--config configs/demo.py`, or a name from
+`configs/`), overridden with `--config.KEY=VALUE`. Bad input ends the command
+with a one-line reason and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+# TensorFlow is here only for TensorBoard writers: keep its start-up chatter
+# (and oneDNN's, which it would not use) off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+  """Errors as one line: `capjax <command>: error: <reason>`."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  rest, overrides = [], []
+  for a in argv:
+    (overrides if a.startswith("--config.") else rest).append(a)
+  return rest, [o[2:] for o in overrides]
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="capjax", description="Train, evaluate and run image-captioning "
+              "models (ViT + GPT-2) in JAX, from one CPU to multi-host pods.")
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  s = sub.add_parser("prepare", help="caption data (COCO, CSV, JSON, JSONL) to ArrayRecord shards",
+                     description="Reads images and captions and writes ArrayRecord shards "
+                     "with a manifest. Unreadable images are skipped and reported.")
+  s.add_argument("source", help="COCO caption annotation JSON, or a CSV/JSON/JSONL table")
+  s.add_argument("--out", required=True, help="output folder (replaced when complete)")
+  s.add_argument("--images", help="image folder of a COCO annotation file "
+                 "(default: the annotation file's folder)")
+  s.add_argument("--image-column", default="image", help="table column with image paths, "
+                 "relative to the table (default: image)")
+  s.add_argument("--caption-column", default="caption", help="table column with a caption "
+                 "or a list of captions (default: caption)")
+  s.add_argument("--num-shards", type=int, default=8, help="ArrayRecord shards (default: 8)")
+  s.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+
+  s = sub.add_parser("train", help="train a captioner (resumes in an existing workdir)",
+                     description="Trains with the given config; per-step scalars go to "
+                     "WORKDIR/metrics.jsonl and TensorBoard. Override config keys with "
+                     "--config.KEY=VALUE.")
+  s.add_argument("--config", required=True, help="config file, or a name from configs/")
+  s.add_argument("--workdir", required=True, help="run directory")
+  g = s.add_argument_group("multi-process runs (see launch/)")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0, for jax.distributed")
+  g.add_argument("--num-processes", type=int, help="processes in the run")
+  g.add_argument("--process-id", type=int, help="this process's index")
+
+  s = sub.add_parser("eval", help="caption a prepared split and score BLEU, ROUGE-L, CIDEr-D",
+                     description="Writes eval_predictions.jsonl and eval_metrics.json. "
+                     "Override the checkpoint's config with --config.KEY=VALUE.")
+  s.add_argument("--checkpoint", required=True,
+                 help="run directory (latest checkpoint) or one checkpoint step folder")
+  s.add_argument("--split", help="prepared folder to evaluate (default: the config's data.eval)")
+  s.add_argument("--out", help="folder for the outputs (default: the run directory)")
+
+  s = sub.add_parser("predict", help="caption image files, to JSONL",
+                     description="Writes one JSON object per image: image, caption, token_ids.")
+  s.add_argument("images", nargs="+", help="image files")
+  s.add_argument("--checkpoint", required=True,
+                 help="run directory (latest checkpoint) or one checkpoint step folder")
+  s.add_argument("--output", required=True, help="JSONL file to write")
+  s.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+  return p
+
+
+def _prepare(args) -> int:
+  from pipeline import prepare
+
+  if not os.path.isfile(args.source):
+    raise FileNotFoundError(f"{args.source}: no such file")
+  if args.source.endswith((".csv", ".jsonl")) or (
+      args.source.endswith(".json") and not _is_coco(args.source)):
+    items = prepare.table_items(args.source, args.image_column, args.caption_column)
+  elif args.source.endswith(".json"):
+    images = args.images or os.path.dirname(os.path.abspath(args.source))
+    if not os.path.isdir(images):
+      raise FileNotFoundError(f"--images {images}: no such directory")
+    items = prepare.coco_items(args.source, images)
+  else:
+    raise ValueError(f"{args.source}: expected a .json, .jsonl or .csv file")
+  summary = prepare.prepare(items, args.out, args.num_shards, args.workers, args.source)
+  print(json.dumps(summary))
+  return 0
+
+
+def _is_coco(path: str) -> bool:
+  with open(path) as f:
+    head = f.read(4096).lstrip()
+  return head.startswith("{")
+
+
+def _train(args, overrides) -> int:
+  from trainer import config, train
+
+  given = [a is not None for a in (args.coordinator, args.num_processes, args.process_id)]
+  if any(given):
+    if not all(given):
+      raise ValueError("--coordinator, --num-processes and --process-id go together")
+    import jax
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  cfg = config.load(args.config, overrides)
+  train.train(cfg, args.workdir)
+  return 0
+
+
+def _eval(args, overrides) -> int:
+  from trainer import evaluate
+
+  m = evaluate.evaluate(args.checkpoint, args.split, args.out, overrides)
+  for s in m.pop("samples"):
+    print(f"image {s['id']}\n  predicted: {s['caption']}")
+    for r in s["references"][:2]:
+      print(f"  reference: {r}")
+  print(json.dumps(m))
+  print(f"BLEU-4 {m['bleu4']:.3f}  ROUGE-L {m['rouge_l']:.3f}  CIDEr-D {m['cider']:.3f}")
+  if "baseline_cider" in m:
+    ratio = m["cider"] / m["baseline_cider"] if m["baseline_cider"] else float("inf")
+    print(f"baseline CIDEr-D {m['baseline_cider']:.3f} (every image captioned "
+          f"\"{m['baseline_caption']}\"): the model scores {ratio:.1f}x")
+  if "content_accuracy" in m:
+    print(f"content accuracy {m['content_accuracy']:.3f} (captions naming every shape "
+          "with its size, colour and kind, and the count)")
+  return 0
+
+
+def _predict(args, overrides) -> int:
+  from pipeline import atomic
+  from trainer.inference import TrainedCaptioner
+
+  for path in args.images:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such file")
+  model = TrainedCaptioner(args.checkpoint, overrides)
+
+  def batches():
+    for i in range(0, len(args.images), args.batch_size):
+      chunk = args.images[i:i + args.batch_size]
+      blobs = []
+      for path in chunk:
+        with open(path, "rb") as f:
+          blobs.append(f.read())
+      yield blobs
+
+  lines = []
+  paths = iter(args.images)
+  for captions, ids in model.caption_batches(batches()):
+    for caption, row in zip(captions, ids.tolist()):
+      row = row[:row.index(model.eos) + 1] if model.eos in row else row
+      lines.append(json.dumps({"image": next(paths), "caption": caption, "token_ids": row}))
+  atomic.write_text(args.output, "".join(l + "\n" for l in lines))
+  print(f"wrote {len(lines)} captions to {args.output}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  args = _parser().parse_args(rest)
+  if overrides and args.command == "prepare":
+    print("capjax prepare: error: takes no --config overrides", file=sys.stderr)
+    return 2
+  # Grain's worker processes read absl flags; capjax parses its own.
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  try:
+    if args.command == "prepare":
+      return _prepare(args)
+    return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args, overrides)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    msg = e.args[0] if e.args else str(e)
+    print(f"capjax {args.command}: error: {msg}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

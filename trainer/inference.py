@@ -1,0 +1,57 @@
+"""A trained captioner, restored from a checkpoint, ready to caption images.
+
+Shared by `eval` and `predict`: it restores the parameters sharded on the
+mesh and runs generation on padded batches sharded over the batch axes.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from pipeline import tokenizer as tokenizer_lib, transforms
+from trainer import checkpoint, config as config_lib, generate, sharding
+from trainer.train import abstract_model
+
+
+class TrainedCaptioner:
+
+  def __init__(self, checkpoint_path: str, overrides: Sequence[str] = ()):
+    """`overrides`: `config.KEY=VALUE` strings applied to the checkpoint's config."""
+    self.workdir, self.step = checkpoint.find(checkpoint_path)
+    workdir = self.workdir
+    cfg = config_lib.apply_overrides(checkpoint.load_config(workdir, self.step), list(overrides))
+    self.cfg = cfg
+    self.tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
+    self.bos, self.eos, self.pad = tokenizer_lib.special_ids(self.tok)
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    graphdef, abs_params, param_sh = abstract_model(cfg, self.mesh)
+    self.params = checkpoint.load_params(workdir, self.step,
+                                         sharding.with_shardings(abs_params, param_sh))
+    self._generate = generate.make_generate_fn(
+        graphdef, cfg.eval.max_length, self.bos, self.eos, self.pad,
+        param_sh, sharding.batch_sharding(self.mesh))
+    self._pool = ThreadPoolExecutor(os.cpu_count())
+
+  def images(self, encoded: Sequence[bytes]) -> np.ndarray:
+    d = self.cfg.data
+    return np.stack(list(self._pool.map(
+        lambda b: transforms.decode_and_resize(b, d.image_size, d.resize), encoded)))
+
+  def caption_batches(self, encoded: Iterable[Sequence[bytes]]):
+    """Yields (captions, token ids) per batch of encoded images."""
+    n_dev = self.mesh.devices.size
+    for batch in encoded:
+      imgs = self.images(batch)
+      # Pad to the full eval batch (one compiled shape), a multiple of the devices.
+      size = max(self.cfg.eval.batch_size, len(imgs))
+      size = -(-size // n_dev) * n_dev
+      padded = np.zeros((size,) + imgs.shape[1:], np.uint8)
+      padded[:len(imgs)] = imgs
+      ids = self._generate(self.params, jax.device_put(padded, sharding.batch_sharding(self.mesh)))
+      ids = np.asarray(jax.device_get(ids))[:len(imgs)]
+      yield generate.decode_text(self.tok, ids, self.eos), ids

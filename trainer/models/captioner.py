@@ -1,0 +1,62 @@
+"""The captioner: ViT encoder + GPT-2 decoder, as Hugging Face's
+`VisionEncoderDecoderModel` composes them.
+
+Images arrive as uint8 and are normalised here, on the device. The decoder
+reads [B, G, L] token ids: G captions (or beams) per image, so the encoder and
+the cross-attention keys run once per image, not once per caption.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from trainer.models.gpt2 import GPT2, GPT2Config, KV
+from trainer.models.layers import dense
+from trainer.models.vit import ViT, ViTConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Captioner(nnx.Module):
+
+  def __init__(self, encoder: ViTConfig, decoder: GPT2Config, image_mean: Sequence[float],
+               image_std: Sequence[float], rngs: nnx.Rngs, dtype=jnp.float32):
+    self.encoder = ViT(encoder, rngs, dtype)
+    self.decoder = GPT2(decoder, rngs, dtype)
+    # As in VisionEncoderDecoderModel: a projection only when the widths differ.
+    self.enc_to_dec_proj = (
+        dense(encoder.hidden_size, decoder.n_embd, (None, "embed"), rngs, dtype)
+        if encoder.hidden_size != decoder.n_embd else None)
+    self.image_mean = tuple(float(m) for m in image_mean)
+    self.image_std = tuple(float(s) for s in image_std)
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, C] to encoder states in the decoder's width [B, P, D]."""
+    mean = jnp.asarray(self.image_mean, jnp.float32)
+    std = jnp.asarray(self.image_std, jnp.float32)
+    x = (images.astype(jnp.float32) / 255.0 - mean) / std
+    h = self.encoder(x)
+    return self.enc_to_dec_proj(h) if self.enc_to_dec_proj is not None else h
+
+  def cross_kv(self, images: jax.Array) -> list[KV]:
+    return self.decoder.cross_kv(self.encode(images))
+
+  def __call__(self, images: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """images [B, H, W, C] uint8, input_ids [B, G, L] -> logits [B, G, L, V]."""
+    b, g, l = input_ids.shape
+    logits, _ = self.decoder(input_ids.reshape(b * g, l), self.cross_kv(images))
+    return logits.reshape(b, g, l, -1)
+
+
+def build_captioner(model_cfg: ConfigDict, seed: int = 0) -> Captioner:
+  """Builds a captioner from the config's `model` section."""
+  return Captioner(
+      ViTConfig.from_dict(model_cfg.encoder.to_dict()),
+      GPT2Config.from_dict(model_cfg.decoder.to_dict()),
+      model_cfg.image_mean, model_cfg.image_std,
+      rngs=nnx.Rngs(seed), dtype=DTYPES[model_cfg.dtype])

@@ -1,0 +1,89 @@
+"""Vision Transformer encoder, layer for layer Hugging Face's `ViTModel`.
+
+Field names follow `transformers.ViTConfig`, so a Hugging Face `config.json`
+fills `ViTConfig` directly. The pooler is not built: an encoder-decoder reads
+the last hidden state (after the final layer norm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from trainer.models.layers import FromDict, Mlp, attend, dense, layer_norm, named, split_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(FromDict):
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  image_size: int = 224
+  patch_size: int = 16
+  num_channels: int = 3
+  qkv_bias: bool = True
+
+
+class ViTAttention(nnx.Module):
+
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype):
+    d = cfg.hidden_size
+    self.num_heads = cfg.num_attention_heads
+    self.query = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
+    self.key = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
+    self.value = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
+    self.out = dense(d, d, ("heads", "embed"), rngs, dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    q, k, v = (split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
+    return self.out(attend(q, k, v, None))
+
+
+class ViTLayer(nnx.Module):
+
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype):
+    self.layernorm_before = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, dtype)
+    self.attention = ViTAttention(cfg, rngs, dtype)
+    self.layernorm_after = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, dtype)
+    self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs, dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attention(self.layernorm_before(x))
+    return x + self.mlp(self.layernorm_after(x))
+
+
+class ViT(nnx.Module):
+  """Pixels [B, H, W, C] (already normalised) to hidden states [B, 1 + N, D]."""
+
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+    d, p = cfg.hidden_size, cfg.patch_size
+    self.cfg = cfg
+    self.dtype = dtype
+    self.patch_embed = nnx.Conv(
+        cfg.num_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
+        dtype=dtype, rngs=rngs,
+        kernel_init=named(nnx.initializers.truncated_normal(0.02), None, None, None, "embed"),
+        bias_init=named(nnx.initializers.zeros, "embed"))
+    num_patches = (cfg.image_size // p) ** 2
+    init = nnx.initializers.truncated_normal(0.02)
+    self.cls_token = nnx.Param(named(init, None, None, "embed")(rngs.params(), (1, 1, d)))
+    self.position_embeddings = nnx.Param(
+        named(init, None, None, "embed")(rngs.params(), (1, num_patches + 1, d)))
+    self.layers = nnx.List([ViTLayer(cfg, rngs, dtype) for _ in range(cfg.num_hidden_layers)])
+    self.layernorm = layer_norm(d, cfg.layer_norm_eps, rngs, dtype)
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    x = self.patch_embed(pixels.astype(self.dtype))
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
+    x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings[...].astype(x.dtype)
+    for layer in self.layers:
+      x = layer(x)
+    return self.layernorm(x)

@@ -1,0 +1,93 @@
+"""The device mesh and the mapping of logical axis names onto it.
+
+The mesh has three axes: `data` (pure data parallelism), `fsdp` (data
+parallelism with parameters and optimiser state sharded) and `tensor` (model
+parallelism over heads and MLP units). The batch is sharded over (`data`,
+`fsdp`). Parameters name their axes logically (`embed`, `heads`, ...) and the
+config's rule table says which mesh axis each name goes to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh of all devices (all processes); one axis size may be -1 (fill)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [int(mesh_cfg[a]) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError("mesh: at most one of data, fsdp, tensor may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices are not a multiple of {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh: data x fsdp x tensor = {math.prod(sizes)}, "
+                     f"but there are {len(devices)} devices")
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], rules: dict,
+                    mesh: Mesh) -> P:
+  """The mesh PartitionSpec for an array with logical axis `names`.
+
+  A dimension whose size does not divide by its mesh axes is replicated.
+  """
+  spec, used = [], set()
+  for name, dim in zip(names, shape):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise KeyError(f"mesh.rules has no rule for the logical axis {name!r}")
+    axes = rules[name]
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % size:
+      logging.warning("replicating a dimension of %d (%s): not divisible by %s=%d",
+                      dim, name, axes, size)
+      axes = ()
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*spec)
+
+
+def tree_shardings(abstract_params: Any, specs: Any, rules: dict, mesh: Mesh) -> Any:
+  """NamedShardings for a parameter tree, from its logical PartitionSpecs."""
+  return jax.tree.map(
+      lambda x, s: NamedSharding(mesh, logical_to_mesh(tuple(s), x.shape, rules, mesh)),
+      abstract_params, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """Abstract arrays that carry shardings: what Orbax restores into."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's share of the batch to global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

@@ -1,0 +1,191 @@
+"""`capjax train`: the training loop.
+
+The train state is created already sharded (abstract shapes first, then a
+jitted initialiser with output shardings), the step is jitted with explicit
+input and output shardings and donates the state, batches arrive from Grain as
+global arrays on the mesh, and Orbax checkpoints every N steps. Running again
+in the same workdir resumes from the latest checkpoint, data position included.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from pipeline import records, tokenizer as tokenizer_lib, transforms
+from trainer import checkpoint, optim, sharding, writers
+from trainer.models.captioner import build_captioner
+
+
+def prepare_tokenizer(cfg: ConfigDict, workdir: str):
+  """The run's tokenizer, saved in `WORKDIR/tokenizer`; fills the decoder's
+  vocabulary size and special ids into the config."""
+  path = os.path.join(workdir, "tokenizer")
+  if not os.path.isdir(path):
+    if cfg.tokenizer.path:
+      tok = tokenizer_lib.load(cfg.tokenizer.path)
+      if jax.process_index() == 0:
+        tok.save_pretrained(path)
+    elif jax.process_index() == 0:
+      source = records.PreparedSource(cfg.data.train)
+      captions = (c for i in range(len(source)) for c in source[i]["captions"])
+      tokenizer_lib.train_bpe(captions, cfg.tokenizer.vocab_size, path)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tokenizer")
+  tok = tokenizer_lib.load(path)
+  bos, eos, pad = tokenizer_lib.special_ids(tok)
+  dec = cfg.model.decoder
+  if dec.vocab_size == 0:
+    dec.vocab_size = len(tok)
+  dec.bos_token_id, dec.eos_token_id, dec.pad_token_id = bos, eos, pad
+  return tok, path
+
+
+def abstract_model(cfg: ConfigDict, mesh):
+  """(graphdef, abstract params, their shardings), without allocating."""
+  model = nnx.eval_shape(lambda: build_captioner(cfg.model, cfg.seed))
+  graphdef, params = nnx.split(model)
+  specs = nnx.get_partition_spec(params)
+  shardings = sharding.tree_shardings(params, specs, dict(cfg.mesh.rules), mesh)
+  return graphdef, params, shardings
+
+
+def loss_fn(params, graphdef, batch):
+  """Mean cross-entropy over the non-padding tokens of the global batch."""
+  logits = nnx.merge(graphdef, params)(batch["image"], batch["input_ids"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  mask = batch["loss_mask"]
+  tokens = jnp.maximum(mask.sum(), 1.0)
+  return (ce * mask).sum() / tokens, tokens
+
+
+def make_train_step(graphdef, tx, schedule):
+
+  def train_step(params, opt_state, step, batch):
+    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+               "train/learning_rate": schedule(step), "train/tokens": tokens}
+    return params, opt_state, step + 1, metrics
+
+  return train_step
+
+
+def make_loader(cfg: ConfigDict, tokenizer_dir: str) -> grain.DataLoader:
+  source = records.PreparedSource(cfg.data.train)
+  per_process = cfg.train.batch_size // jax.process_count()
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shuffle=True, num_epochs=None, seed=cfg.seed,
+      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
+  example = transforms.TrainExample(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
+                                    cfg.data.captions_per_image, cfg.data.resize)
+  return grain.DataLoader(
+      data_source=source, sampler=sampler,
+      operations=[example, grain.transforms.Batch(per_process, drop_remainder=True)],
+      worker_count=cfg.data.worker_count, worker_buffer_size=cfg.data.prefetch)
+
+
+def _eta(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains to `cfg.train.steps`; returns the last step's metrics."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  # Saved with the checkpoint: absolute, so eval works from any directory.
+  cfg.data.train = os.path.abspath(cfg.data.train)
+  cfg.data.eval = os.path.abspath(cfg.data.eval)
+  if cfg.train.batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+  _, tokenizer_dir = prepare_tokenizer(cfg, workdir)
+  mesh = sharding.make_mesh(cfg.mesh)
+  graphdef, abs_params, param_sh = abstract_model(cfg, mesh)
+  tx = optim.optimizer(cfg.train)
+  schedule = optim.schedule(cfg.train)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh))
+  # Leaves of the optimiser state that are not parameter-shaped are replicated.
+  opt_sh = jax.tree.map(lambda x: sharding.replicated(mesh) if x is None else x, opt_sh,
+                        is_leaf=lambda x: x is None)
+
+  def init():
+    params = nnx.state(build_captioner(cfg.model, cfg.seed))
+    return params, tx.init(params)
+
+  loader = make_loader(cfg, tokenizer_dir)
+  data_iter = iter(loader)
+  mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
+  start = mngr.latest_step()
+  if start is None:
+    params, opt_state = jax.jit(init, out_shardings=(param_sh, opt_sh))()
+    start = 0
+  else:
+    params, opt_state = checkpoint.restore_train_state(
+        mngr, start, sharding.with_shardings(abs_params, param_sh),
+        sharding.with_shardings(abs_opt, opt_sh), data_iter)
+    logging.info("resumed from step %d", start)
+    print(f"resuming from the checkpoint at step {start}", flush=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=1)
+
+  step_sh = sharding.replicated(mesh)
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, schedule),
+      in_shardings=(param_sh, opt_sh, step_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(param_sh, opt_sh, step_sh, step_sh),
+      donate_argnums=(0, 1, 2))
+  writer = writers.create_writer(workdir)
+  step = jax.device_put(jnp.int32(start), step_sh)
+  total = cfg.train.steps
+  t_log, s_log, wait = time.time(), start, 0.0
+  pending = None  # the previous step's metrics, read while this step runs
+  last: dict[str, float] = {}
+
+  def log(s, metrics):
+    nonlocal t_log, s_log, wait, last
+    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    writer.write_scalars(s, last)
+    if s % cfg.train.log_every == 0 or s == total:
+      dt = time.time() - t_log
+      rate = (s - s_log) / dt
+      writer.write_scalars(s, {"train/steps_per_second": rate,
+                               "train/images_per_second": rate * cfg.train.batch_size,
+                               "train/data_wait_fraction": wait / dt})
+      print(f"step {s}/{total}  loss {last['train/loss']:.4f}  {rate:.2f} steps/s  "
+            f"ETA {_eta((total - s) / rate)}", flush=True)
+      t_log, s_log, wait = time.time(), s, 0.0
+
+  for s in range(start + 1, total + 1):
+    t0 = time.time()
+    batch = sharding.global_batch(next(data_iter), mesh)
+    wait += time.time() - t0
+    params, opt_state, step, metrics = train_step(params, opt_state, step, batch)
+    if pending is not None:
+      log(*pending)
+    pending = (s, metrics)
+    if s % cfg.checkpoint.every_steps == 0 or s == total:
+      checkpoint.save(mngr, s, params, opt_state, data_iter, cfg)
+  if pending is not None:
+    log(*pending)
+  mngr.wait_until_finished()
+  writer.flush()
+  writer.close()
+  return last
