@@ -11,7 +11,7 @@ DATA := data/demo
 RUN := runs/demo
 # This machine's pip configuration names local mirrors that may be absent; its
 # warnings about them are noise.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
 
 .PHONY: demo test clean
 
