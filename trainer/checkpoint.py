@@ -17,9 +17,10 @@ from ml_collections import ConfigDict
 
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         enable_async_checkpointing=not read_only,
-                                         read_only=read_only)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else keep, create=not read_only,
+      save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=not read_only, read_only=read_only)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options)
 

@@ -18,6 +18,10 @@ from typing import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Grain leaves the batches still prefetched in shared memory at exit for the
+# resource tracker (a separate process, hence the environment) to remove; it
+# does, but warns about each.
+os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,8 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("capjax prepare: error: takes no --config overrides", file=sys.stderr)
     return 2
   # Grain's worker processes read absl flags; capjax parses its own.
-  from absl import flags
+  from absl import flags, logging as absl_logging
   flags.FLAGS.mark_as_parsed()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes on routine calls
   try:
     if args.command == "prepare":
       return _prepare(args)
