@@ -17,6 +17,7 @@ def get_config() -> ConfigDict:
   c.data.eval = "data/demo/prepared/val"
   c.data.image_size = 64
   c.data.resize = "crop"  # shorter side + centre crop, or "squash"
+  c.data.resample = "auto"  # area to shrink, bicubic to enlarge; or bilinear, ...
   c.data.max_length = 24  # decoder tokens, BOS/EOS included
   # Captions decoded per image per step, drawn afresh from its five each time:
   # the encoder runs once for all of them. Two, with 64 images a step, buys

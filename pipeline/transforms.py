@@ -26,11 +26,17 @@ def _pil_decode(data: bytes) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def decode_and_resize(data: bytes, size: int, mode: str = "crop") -> np.ndarray:
+RESAMPLE = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR,
+            "bicubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}
+
+
+def decode_and_resize(data: bytes, size: int, mode: str = "crop",
+                      resample: str = "auto") -> np.ndarray:
   """Encoded image to uint8 [size, size, 3].
 
   mode "crop": shorter side to `size`, then the centre square; "squash": the
-  whole image to `size` x `size`.
+  whole image to `size` x `size`. resample "auto": area averaging to shrink,
+  bicubic to enlarge; or one of RESAMPLE's filters.
   """
   if data[:2] == b"\xff\xd8":
     img = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
@@ -44,9 +50,13 @@ def decode_and_resize(data: bytes, size: int, mode: str = "crop") -> np.ndarray:
   elif mode != "squash":
     raise ValueError(f"data.resize: unknown mode {mode!r} (crop or squash)")
   if img.shape[0] != size or img.shape[1] != size:
-    shrinking = img.shape[0] > size
-    img = cv2.resize(img, (size, size),
-                     interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+    if resample == "auto":
+      flag = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC
+    elif resample in RESAMPLE:
+      flag = RESAMPLE[resample]
+    else:
+      raise ValueError(f"data.resample: unknown {resample!r} (auto or {', '.join(RESAMPLE)})")
+    img = cv2.resize(img, (size, size), interpolation=flag)
   return np.ascontiguousarray(img)
 
 
@@ -79,12 +89,13 @@ class TrainExample(grain.transforms.RandomMap):
   """
 
   def __init__(self, image_size: int, tokenizer_dir: str, max_length: int,
-               captions_per_image: int, resize: str = "crop"):
+               captions_per_image: int, resize: str = "crop", resample: str = "auto"):
     self.image_size = image_size
     self.tokenizer_dir = tokenizer_dir
     self.max_length = max_length
     self.captions_per_image = captions_per_image
     self.resize = resize
+    self.resample = resample
     self._tok = None
 
   def __getstate__(self):
@@ -99,5 +110,6 @@ class TrainExample(grain.transforms.RandomMap):
     chosen = [caps[order[i % len(caps)]] for i in range(k)]
     out = tokenize_captions(self._tok, chosen, self.max_length)
     out["loss_mask"][len(caps):] = 0.0
-    out["image"] = decode_and_resize(record["image"], self.image_size, self.resize)
+    out["image"] = decode_and_resize(record["image"], self.image_size, self.resize,
+                                     self.resample)
     return out

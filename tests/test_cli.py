@@ -2,7 +2,7 @@ import pytest
 
 from tests.conftest import run_capjax
 
-COMMANDS = ["prepare", "train", "eval", "predict"]
+COMMANDS = ["prepare", "train", "eval", "predict", "import-hf", "export-hf"]
 
 
 @pytest.mark.parametrize("command", [None] + COMMANDS)
@@ -19,6 +19,8 @@ def test_help(command):
     (["predict", "--checkpoint", "/no/such/run", "/no/such.jpg", "--output", "/tmp/p.jsonl"],
      "/no/such.jpg"),
     (["train", "--config", "no_such_config", "--workdir", "/tmp/x"], "no_such_config"),
+    (["export-hf", "/no/such/run", "--out", "/tmp/x"], "/no/such/run"),
+    (["import-hf", "--encoder", "/no/such/vit", "--out", "/tmp/x"], "/no/such/vit"),
     (["train", "--config", "demo", "--workdir", "/tmp/x", "--config.train.nope=1"],
      "config.train.nope"),
 ])

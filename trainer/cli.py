@@ -83,6 +83,30 @@ def _parser() -> argparse.ArgumentParser:
                  help="run directory (latest checkpoint) or one checkpoint step folder")
   s.add_argument("--output", required=True, help="JSONL file to write")
   s.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+
+  s = sub.add_parser("import-hf", help="a Hugging Face ViT + GPT-2 checkpoint to a capjax run directory",
+                     description="Reads a VisionEncoderDecoderModel folder (HF_DIR), or a ViT "
+                     "encoder and a GPT-2 decoder (cross-attention newly initialised), with "
+                     "their tokenizer and image processor settings; safetensors weights (a .bin "
+                     "only through PyTorch's weights_only loader). The other config sections "
+                     "come from --config, overridable with --config.KEY=VALUE.")
+  s.add_argument("hf_dir", nargs="?", help="VisionEncoderDecoderModel folder")
+  s.add_argument("--encoder", help="ViT model folder (with --decoder)")
+  s.add_argument("--decoder", help="GPT-2 model folder, with the tokenizer (with --encoder)")
+  s.add_argument("--out", required=True, help="run directory to write (replaced when complete)")
+  s.add_argument("--config", default="demo", help="config for data, train, eval and mesh "
+                 "(default: demo)")
+  s.add_argument("--image-size", type=int, help="input size, when it should differ from the "
+                 "checkpoint's (position embeddings are interpolated)")
+
+  s = sub.add_parser("export-hf", help="a capjax checkpoint to a Hugging Face folder",
+                     description="Writes config.json, model.safetensors, tokenizer files, "
+                     "preprocessor_config.json and generation_config.json, loadable by "
+                     "VisionEncoderDecoderModel.from_pretrained and pipeline('image-to-text').")
+  s.add_argument("checkpoint", help="run directory (latest checkpoint) or one checkpoint step folder")
+  s.add_argument("--out", required=True, help="folder to write (replaced when complete)")
+  s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repository "
+                 "(token from the HF_TOKEN environment variable)")
   return p
 
 
@@ -175,6 +199,32 @@ def _predict(args, overrides) -> int:
   return 0
 
 
+def _import_hf(args, overrides) -> int:
+  from trainer import hf_import
+
+  for folder in (args.hf_dir, args.encoder, args.decoder):
+    if folder is not None and not os.path.isdir(folder):
+      raise FileNotFoundError(f"{folder}: no such directory")
+  cfg = hf_import.import_hf(args.out, args.hf_dir, args.encoder, args.decoder, args.config,
+                            overrides, args.image_size)
+  print(f"wrote {args.out}: ViT {cfg.model.encoder.num_hidden_layers} x "
+        f"{cfg.model.encoder.hidden_size}, GPT-2 {cfg.model.decoder.n_layer} x "
+        f"{cfg.model.decoder.n_embd}, images {cfg.data.image_size}px")
+  return 0
+
+
+def _export_hf(args, overrides) -> int:
+  from trainer import hf_export
+
+  if overrides:
+    raise ValueError("export-hf takes no --config overrides")
+  out = hf_export.export_hf(args.checkpoint, args.out)
+  print(f"wrote {out}")
+  if args.push_to_hub:
+    print(hf_export.push_to_hub(out, args.push_to_hub))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
@@ -189,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "prepare":
       return _prepare(args)
-    return {"train": _train, "eval": _eval, "predict": _predict}[args.command](args, overrides)
+    commands = {"train": _train, "eval": _eval, "predict": _predict,
+                "import-hf": _import_hf, "export-hf": _export_hf}
+    return commands[args.command](args, overrides)
   except (FileNotFoundError, ValueError, KeyError) as e:
     msg = e.args[0] if e.args else str(e)
     print(f"capjax {args.command}: error: {msg}", file=sys.stderr)

@@ -40,7 +40,8 @@ class TrainedCaptioner:
   def images(self, encoded: Sequence[bytes]) -> np.ndarray:
     d = self.cfg.data
     return np.stack(list(self._pool.map(
-        lambda b: transforms.decode_and_resize(b, d.image_size, d.resize), encoded)))
+        lambda b: transforms.decode_and_resize(b, d.image_size, d.resize, d.resample),
+        encoded)))
 
   def caption_batches(self, encoded: Iterable[Sequence[bytes]]):
     """Yields (captions, token ids) per batch of encoded images."""

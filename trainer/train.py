@@ -90,7 +90,8 @@ def make_loader(cfg: ConfigDict, tokenizer_dir: str) -> grain.DataLoader:
       num_records=len(source), shuffle=True, num_epochs=None, seed=cfg.seed,
       shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
   example = transforms.TrainExample(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
-                                    cfg.data.captions_per_image, cfg.data.resize)
+                                    cfg.data.captions_per_image, cfg.data.resize,
+                                    cfg.data.resample)
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[example, grain.transforms.Batch(per_process, drop_remainder=True)],

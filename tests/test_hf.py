@@ -1,0 +1,181 @@
+"""capjax's model against Hugging Face's PyTorch implementation: import,
+export and the function they compute, on tiny random models built here."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from pipeline import tokenizer as tokenizer_lib  # noqa: E402
+from tests.conftest import run_capjax  # noqa: E402
+from trainer import checkpoint, generate, hf_import, sharding  # noqa: E402
+from trainer.train import abstract_model, loss_fn  # noqa: E402
+
+CAPTIONS = ["a red circle", "two blue squares on a plain background", "a small green cross"] * 30
+
+# (name, encoder fields, decoder fields, image size to import at)
+CASES = [
+    ("same-width", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, image_size=32, patch_size=8),
+     dict(n_embd=32, n_layer=2, n_head=4), None),
+    ("projection", dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=96, image_size=32, patch_size=8, hidden_act="gelu_new",
+                        layer_norm_eps=1e-6),
+     dict(n_embd=32, n_layer=3, n_head=2, n_inner=80, activation_function="gelu",
+          layer_norm_epsilon=1e-6), None),
+    ("new-image-size", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, image_size=32, patch_size=8),
+     dict(n_embd=48, n_layer=2, n_head=4), 48),
+]
+
+
+def _hf_model(tmp_path, enc, dec, seed=0):
+  tok = tokenizer_lib.train_bpe(CAPTIONS, 280, str(tmp_path / "tok"))
+  bos, eos, pad = tokenizer_lib.special_ids(tok)
+  torch.manual_seed(seed)
+  config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+      transformers.ViTConfig(**enc),
+      transformers.GPT2Config(vocab_size=len(tok), n_positions=32, bos_token_id=bos,
+                              eos_token_id=eos, add_cross_attention=True, is_decoder=True, **dec))
+  config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = bos, pad, eos
+  model = transformers.VisionEncoderDecoderModel(config).eval()
+  with torch.no_grad():  # random LayerNorm and bias values too, not just ones and zeros
+    for name, p in model.named_parameters():
+      if "ln" in name or "layernorm" in name or name.endswith("bias"):
+        p.add_(torch.randn_like(p) * 0.1)
+  folder = tmp_path / "hf"
+  model.save_pretrained(folder)
+  tok.save_pretrained(folder)
+  transformers.ViTImageProcessor(size={"height": enc["image_size"], "width": enc["image_size"]},
+                                 image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]
+                                 ).save_pretrained(folder)
+  return model, folder
+
+
+def _load(run_dir):
+  workdir, step = checkpoint.find(str(run_dir))
+  cfg = checkpoint.load_config(workdir, step)
+  mesh = sharding.make_mesh(cfg.mesh)
+  graphdef, abs_params, param_sh = abstract_model(cfg, mesh)
+  params = checkpoint.load_params(workdir, step, sharding.with_shardings(abs_params, param_sh))
+  return cfg, graphdef, params
+
+
+def _inputs(cfg, size, batch=3, length=9, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)
+  ids = rng.integers(0, cfg.model.decoder.vocab_size, (batch, length)).astype(np.int32)
+  mean, std = np.array(cfg.model.image_mean), np.array(cfg.model.image_std)
+  pixels = ((images / 255.0 - mean) / std).astype(np.float32).transpose(0, 3, 1, 2)
+  return images, ids, torch.from_numpy(pixels)
+
+
+@pytest.mark.parametrize("name, enc, dec, image_size", CASES, ids=[c[0] for c in CASES])
+def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, image_size):
+  hf, folder = _hf_model(tmp_path, enc, dec)
+  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size)
+  cfg, graphdef, params = _load(tmp_path / "run")
+  size = image_size or enc["image_size"]
+  assert cfg.data.image_size == size and cfg.data.resize == "squash"
+  assert tuple(cfg.model.image_mean) == pytest.approx((0.4, 0.5, 0.6))
+  images, ids, pixels = _inputs(cfg, size)
+  model = nnx.merge(graphdef, params)
+
+  ours = np.asarray(model(jnp.asarray(images), jnp.asarray(ids)[:, None]))[:, 0]
+  labels = np.roll(ids, -1, axis=1)
+  labels[:, -3:] = -100  # padding, ignored by both
+  with torch.no_grad():
+    out = hf(pixel_values=pixels, decoder_input_ids=torch.from_numpy(ids).long(),
+             labels=torch.from_numpy(labels).long(),
+             interpolate_pos_encoding=image_size is not None)
+  np.testing.assert_allclose(ours, out.logits.numpy(), atol=1e-4, rtol=0)
+
+  batch = {"image": jnp.asarray(images), "input_ids": jnp.asarray(ids)[:, None],
+           "labels": jnp.asarray(np.maximum(labels, 0))[:, None],
+           "loss_mask": jnp.asarray(labels >= 0, jnp.float32)[:, None]}
+  loss, _ = loss_fn(params, graphdef, batch)
+  assert float(loss) == pytest.approx(out.loss.item(), rel=1e-5)
+
+  bos, eos, pad = (cfg.model.decoder.bos_token_id, cfg.model.decoder.eos_token_id,
+                   cfg.model.decoder.pad_token_id)
+  tokens = np.asarray(generate.greedy(model, jnp.asarray(images), 12, bos, eos, pad))
+  with torch.no_grad():
+    ref = hf.generate(pixel_values=pixels, max_new_tokens=12, num_beams=1, do_sample=False,
+                      interpolate_pos_encoding=image_size is not None)[:, 1:].numpy()
+  ref = np.pad(ref, ((0, 0), (0, 12 - ref.shape[1])), constant_values=pad)
+  np.testing.assert_array_equal(tokens, ref)
+
+
+def test_round_trips(tmp_path):
+  _, enc, dec, _ = CASES[1]
+  hf, folder = _hf_model(tmp_path, enc, dec, seed=1)
+  run_capjax("import-hf", str(folder), "--out", str(tmp_path / "run"))
+  run_capjax("export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "exported"))
+  for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+            "generation_config.json"):
+    assert (tmp_path / "exported" / f).is_file(), f
+  back = transformers.VisionEncoderDecoderModel.from_pretrained(tmp_path / "exported").eval()
+  sd_a, sd_b = hf.state_dict(), back.state_dict()
+  for k in sd_a:  # import then export: the same weights (the unused ViT pooler aside)
+    if "pooler" in k:
+      continue
+    torch.testing.assert_close(sd_a[k], sd_b[k], rtol=0, atol=0, msg=k)
+
+  cfg, graphdef, params = _load(tmp_path / "run")
+  images, ids, pixels = _inputs(cfg, enc["image_size"], seed=2)
+  with torch.no_grad():
+    a = hf(pixel_values=pixels, decoder_input_ids=torch.from_numpy(ids).long()).logits
+    b = back(pixel_values=pixels, decoder_input_ids=torch.from_numpy(ids).long()).logits
+  torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+  # export then import: identical parameters
+  run_capjax("import-hf", str(tmp_path / "exported"), "--out", str(tmp_path / "again"))
+  _, _, params2 = _load(tmp_path / "again")
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  # The exported model decodes as the capjax one does.
+  model = nnx.merge(graphdef, params)
+  ours = np.asarray(generate.greedy(model, jnp.asarray(images), 8, back.config.decoder_start_token_id,
+                                    back.config.eos_token_id, back.config.pad_token_id))
+  with torch.no_grad():
+    ref = back.generate(pixel_values=pixels, max_new_tokens=8, num_beams=1,
+                        do_sample=False)[:, 1:].numpy()
+  ref = np.pad(ref, ((0, 0), (0, 8 - ref.shape[1])), constant_values=back.config.pad_token_id)
+  np.testing.assert_array_equal(ours, ref)
+
+
+def test_encoder_and_decoder_separately(tmp_path):
+  _, enc, dec, _ = CASES[1]
+  hf, folder = _hf_model(tmp_path, enc, dec, seed=3)
+  hf.encoder.save_pretrained(tmp_path / "vit")
+  transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+  hf.decoder.save_pretrained(tmp_path / "gpt2")
+  tokenizer_lib.load(str(folder)).save_pretrained(tmp_path / "gpt2")
+  run_capjax("import-hf", "--encoder", str(tmp_path / "vit"), "--decoder", str(tmp_path / "gpt2"),
+             "--out", str(tmp_path / "run"))
+  cfg, graphdef, params = _load(tmp_path / "run")
+  from safetensors.numpy import load_file
+  vit = load_file(tmp_path / "vit" / "model.safetensors")  # the names on disk
+  gpt2 = load_file(tmp_path / "gpt2" / "model.safetensors")
+  pure = nnx.to_pure_dict(params)
+  np.testing.assert_array_equal(np.asarray(pure["decoder"]["wte"]["embedding"]),
+                                gpt2["transformer.wte.weight"])
+  np.testing.assert_array_equal(
+      np.asarray(pure["encoder"]["layers"][0]["attention"]["query"]["kernel"]),
+      vit["encoder.layer.0.attention.attention.query.weight"].T)
+  assert "enc_to_dec_proj" in pure  # 48 -> 32, newly initialised
+
+
+def test_bad_folder_is_one_line(tmp_path):
+  proc = run_capjax("import-hf", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
+  assert proc.returncode != 0 and "no config.json" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "x").exists()

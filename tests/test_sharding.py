@@ -1,0 +1,64 @@
+"""Parameters on an 8-device CPU mesh get the shardings the rule table implies.
+
+Runs in a subprocess: the device count is fixed when JAX starts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import REPO, TINY_CONFIG
+
+SCRIPT = textwrap.dedent(f"""
+    import json, jax
+    from flax import nnx
+    from trainer import config, sharding
+    from trainer.models.captioner import build_captioner
+    from trainer.train import abstract_model
+    cfg = config.load({TINY_CONFIG!r}, ["config.mesh.data=2", "config.mesh.fsdp=2",
+                                         "config.mesh.tensor=2"])
+    cfg.model.decoder.vocab_size = 64
+    mesh = sharding.make_mesh(cfg.mesh)
+    graphdef, abstract, shardings = abstract_model(cfg, mesh)
+    params = jax.jit(lambda: nnx.state(build_captioner(cfg.model, 0)), out_shardings=shardings)()
+    out = {{}}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+      out[jax.tree_util.keystr(path)] = {{
+          "spec": [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec],
+          "shape": list(x.shape), "shard": list(x.addressable_shards[0].data.shape),
+          "devices": len(x.sharding.device_set)}}
+    print(json.dumps(out))
+""")
+
+
+def test_parameters_follow_the_rule_table():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  params = json.loads(proc.stdout.strip().splitlines()[-1])
+
+  def find(*words):
+    hits = [v for k, v in params.items() if all(w in k for w in words)]
+    assert hits, words
+    return hits
+
+  # rules: embed -> fsdp, heads/mlp/vocab -> tensor, norm -> replicated
+  for p in find("'wte'", "embedding"):  # (vocab, embed)
+    assert p["spec"] == ["tensor", "fsdp"] and p["shard"] == [32, 16]
+  for p in find("'query'", "kernel"):  # (embed, heads)
+    assert p["spec"] == ["fsdp", "tensor"]
+    assert p["shard"] == [p["shape"][0] // 2, p["shape"][1] // 2]
+  for p in find("'out'", "kernel"):  # (heads, embed)
+    assert p["spec"] == ["tensor", "fsdp"]
+  for p in find("'fc'", "kernel"):  # (embed, mlp)
+    assert p["spec"] == ["fsdp", "tensor"]
+  for p in find("'fc'", "bias"):  # (mlp,)
+    assert p["spec"] == ["tensor"]
+  for p in find("layernorm", "scale"):  # (norm,)
+    assert p["spec"] in ([], [None]) and p["shard"] == p["shape"]
+  for p in find("patch_embed", "kernel"):  # (None, None, None, embed)
+    assert p["spec"] == [None, None, None, "fsdp"]
+  assert all(p["devices"] == 8 for p in params.values())

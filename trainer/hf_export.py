@@ -1,0 +1,74 @@
+"""`capjax export-hf`: a capjax checkpoint as a Hugging Face folder that
+`VisionEncoderDecoderModel.from_pretrained` and `pipeline("image-to-text")`
+load: config.json, model.safetensors, tokenizer files,
+preprocessor_config.json and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pipeline import atomic, tokenizer as tokenizer_lib
+from trainer import checkpoint, hf_checkpoint, sharding
+from trainer.hf_import import RESAMPLE
+from trainer.models.gpt2 import GPT2Config
+from trainer.models.vit import ViTConfig
+from trainer.train import abstract_model
+
+
+def export_hf(checkpoint_path: str, out_dir: str) -> str:
+  from safetensors.numpy import save_file
+  from transformers import (GenerationConfig, GPT2Config as HFGPT2Config, ViTConfig as HFViTConfig,
+                            ViTImageProcessor, VisionEncoderDecoderConfig)
+
+  workdir, step = checkpoint.find(checkpoint_path)
+  cfg = checkpoint.load_config(workdir, step)
+  mesh = sharding.make_mesh(cfg.mesh)
+  _, abs_params, param_sh = abstract_model(cfg, mesh)
+  params = checkpoint.load_params(workdir, step, sharding.with_shardings(abs_params, param_sh))
+  pure = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(params))
+  enc = ViTConfig.from_dict(cfg.model.encoder.to_dict())
+  dec = GPT2Config.from_dict(cfg.model.decoder.to_dict())
+  tensors = hf_checkpoint.to_hf(pure, enc, dec)
+  tensors.pop("decoder.lm_head.weight")  # tied to the token embedding on load
+
+  tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
+  bos, eos, pad = dec.bos_token_id, dec.eos_token_id, dec.pad_token_id
+  hf_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+      HFViTConfig(**cfg.model.encoder.to_dict()),
+      HFGPT2Config(**cfg.model.decoder.to_dict(), add_cross_attention=True, is_decoder=True))
+  hf_config.decoder_start_token_id = bos
+  hf_config.pad_token_id = pad
+  hf_config.eos_token_id = eos
+  hf_config.tie_word_embeddings = True
+  resample = {v: k for k, v in RESAMPLE.items()}.get(cfg.data.resample, 3)
+  processor = ViTImageProcessor(
+      do_resize=True, size={"height": cfg.data.image_size, "width": cfg.data.image_size},
+      resample=resample, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+      image_mean=list(cfg.model.image_mean), image_std=list(cfg.model.image_std))
+  generation = GenerationConfig(decoder_start_token_id=bos, bos_token_id=bos, eos_token_id=eos,
+                                pad_token_id=pad, max_length=cfg.eval.max_length + 1)
+  with atomic.folder(out_dir) as tmp:
+    hf_config.save_pretrained(tmp)
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    generation.save_pretrained(tmp)
+  return os.path.abspath(out_dir)
+
+
+def push_to_hub(folder: str, repo_id: str) -> str:
+  """Uploads `folder` to the Hub; the token comes from the environment only."""
+  from huggingface_hub import HfApi
+
+  token = os.environ.get("HF_TOKEN")
+  if not token:
+    raise ValueError("--push-to-hub needs the HF_TOKEN environment variable")
+  api = HfApi(token=token)
+  api.create_repo(repo_id, exist_ok=True)
+  info = api.upload_folder(folder_path=folder, repo_id=repo_id)
+  return str(info)
