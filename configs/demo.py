@@ -61,6 +61,9 @@ def get_config() -> ConfigDict:
   c.eval = ConfigDict()
   c.eval.batch_size = 100
   c.eval.max_length = 24  # generated tokens
+  c.eval.num_beams = 1  # 1: greedy
+  c.eval.length_penalty = 1.0  # beam search: score = log-prob / length ** this
+  c.eval.early_stopping = "false"  # beam search: "true", "false" or "never", as in transformers
   c.eval.num_samples = 3  # captions printed at the end
   c.eval.content_accuracy = True  # parse captions with the synthetic grammar
 

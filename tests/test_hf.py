@@ -36,7 +36,7 @@ CASES = [
 ]
 
 
-def _hf_model(tmp_path, enc, dec, seed=0):
+def _hf_model(tmp_path, enc, dec, seed=0, eos_boost=0.0):
   tok = tokenizer_lib.train_bpe(CAPTIONS, 280, str(tmp_path / "tok"))
   bos, eos, pad = tokenizer_lib.special_ids(tok)
   torch.manual_seed(seed)
@@ -50,6 +50,9 @@ def _hf_model(tmp_path, enc, dec, seed=0):
     for name, p in model.named_parameters():
       if "ln" in name or "layernorm" in name or name.endswith("bias"):
         p.add_(torch.randn_like(p) * 0.1)
+    # Raise EOS's logit everywhere, so that decoding meets it at varied steps.
+    e = model.decoder.transformer.wte.weight[eos]
+    model.decoder.transformer.ln_f.bias.add_(eos_boost * e / e.dot(e))
   folder = tmp_path / "hf"
   model.save_pretrained(folder)
   tok.save_pretrained(folder)
@@ -111,6 +114,31 @@ def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, ima
                       interpolate_pos_encoding=image_size is not None)[:, 1:].numpy()
   ref = np.pad(ref, ((0, 0), (0, 12 - ref.shape[1])), constant_values=pad)
   np.testing.assert_array_equal(tokens, ref)
+
+
+@pytest.mark.parametrize("name, enc, dec, image_size", CASES, ids=[c[0] for c in CASES])
+def test_beam_search_matches_transformers(tmp_path, name, enc, dec, image_size):
+  hf, folder = _hf_model(tmp_path, enc, dec, seed=4, eos_boost=4.0)
+  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size)
+  cfg, graphdef, params = _load(tmp_path / "run")
+  model = nnx.merge(graphdef, params)
+  images, _, pixels = _inputs(cfg, image_size or enc["image_size"], batch=6, seed=5)
+  d = cfg.model.decoder
+  ends = set()
+  for length_penalty, early_stopping in [(1.0, False), (2.0, True), (0.5, "never"), (-1.0, False)]:
+    ours = np.asarray(generate.beam_search(
+        model, jnp.asarray(images), 12, 4, d.bos_token_id, d.eos_token_id, d.pad_token_id,
+        length_penalty, early_stopping))
+    with torch.no_grad():
+      ref = hf.generate(pixel_values=pixels, max_new_tokens=12, num_beams=4, do_sample=False,
+                        length_penalty=length_penalty, early_stopping=early_stopping,
+                        interpolate_pos_encoding=image_size is not None)[:, 1:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, 12 - ref.shape[1])), constant_values=d.pad_token_id)
+    np.testing.assert_array_equal(ours, ref, err_msg=f"{length_penalty} {early_stopping}")
+    for row in ours.tolist():
+      if d.eos_token_id in row:
+        ends.add(row.index(d.eos_token_id))
+  assert len(ends) >= 2  # EOS met, at different steps
 
 
 def test_round_trips(tmp_path):

@@ -80,3 +80,9 @@ def test_eval_and_predict(run_10_steps, prepared, synthetic_coco, tmp_path):
   assert [r["image"] for r in rows] == images
   for r in rows:
     assert isinstance(r["caption"], str) and r["token_ids"]
+  run_capjax("predict", "--checkpoint", str(run_10_steps), *images, "--output", str(out),
+             "--num-beams", "3", "--max-length", "5",
+             "--config.eval.early_stopping=never")
+  beams = [json.loads(l) for l in open(out)]
+  assert [r["image"] for r in beams] == images
+  assert all(1 <= len(r["token_ids"]) <= 5 for r in beams)

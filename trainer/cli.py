@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="run directory (latest checkpoint) or one checkpoint step folder")
   s.add_argument("--output", required=True, help="JSONL file to write")
   s.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+  s.add_argument("--num-beams", type=int, help="beam search width (default: the config's "
+                 "eval.num_beams; 1 is greedy)")
+  s.add_argument("--max-length", type=int, help="most tokens per caption (default: the "
+                 "config's eval.max_length)")
 
   s = sub.add_parser("import-hf", help="a Hugging Face ViT + GPT-2 checkpoint to a capjax run directory",
                      description="Reads a VisionEncoderDecoderModel folder (HF_DIR), or a ViT "
@@ -177,6 +181,10 @@ def _predict(args, overrides) -> int:
   for path in args.images:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such file")
+  if args.num_beams is not None:
+    overrides = [*overrides, f"config.eval.num_beams={args.num_beams}"]
+  if args.max_length is not None:
+    overrides = [*overrides, f"config.eval.max_length={args.max_length}"]
   model = TrainedCaptioner(args.checkpoint, overrides)
 
   def batches():

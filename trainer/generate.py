@@ -1,7 +1,9 @@
-"""Caption generation: greedy decoding with a preallocated KV cache.
+"""Caption generation: greedy decoding and beam search, with a preallocated
+KV cache.
 
-The encoder and the cross-attention keys run once per image; the decode is
-one `lax.while_loop` that stops as soon as every sequence has produced EOS.
+The encoder and the cross-attention keys run once per image (beams share
+them); each decode is one `lax.while_loop` that stops as soon as no sequence
+can change any more.
 """
 
 from __future__ import annotations
@@ -38,12 +40,22 @@ def greedy(model: Captioner, images: jax.Array, max_length: int, bos: int, eos: 
   return jax.lax.while_loop(cond, body, state)[2]
 
 
-def make_generate_fn(graphdef: nnx.GraphDef, max_length: int, bos: int, eos: int, pad: int,
+def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: int,
                      param_shardings=None, batch_sharding=None):
-  """A jitted (params, images) -> token ids, sharded over the batch axes."""
+  """A jitted (params, images) -> token ids, sharded over the batch axes:
+  greedy when `eval_cfg.num_beams` is 1, beam search otherwise."""
+  stopping = {"true": True, "false": False, "never": "never"}.get(
+      str(eval_cfg.early_stopping).lower())
+  if stopping is None:
+    raise ValueError(f"eval.early_stopping: {eval_cfg.early_stopping!r} is not true, false "
+                     "or never")
 
   def fn(params, images):
-    return greedy(nnx.merge(graphdef, params), images, max_length, bos, eos, pad)
+    model = nnx.merge(graphdef, params)
+    if eval_cfg.num_beams == 1:
+      return greedy(model, images, eval_cfg.max_length, bos, eos, pad)
+    return beam_search(model, images, eval_cfg.max_length, eval_cfg.num_beams, bos, eos, pad,
+                       eval_cfg.length_penalty, stopping)
 
   if batch_sharding is None:
     return jax.jit(fn)
@@ -59,3 +71,87 @@ def decode_text(tok, ids, eos: int) -> list[str]:
       row = row[:row.index(eos)]
     out.append(tok.decode(row, skip_special_tokens=True).strip())
   return out
+
+
+def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams: int,
+                bos: int, eos: int, pad: int, length_penalty: float = 1.0,
+                early_stopping: bool | str = False) -> jax.Array:
+  """Beam search as `transformers`' `generate(num_beams=...)` computes it.
+
+  Keeps 2 x num_beams candidates a step, finished hypotheses scored by
+  sum log-prob / length ** length_penalty, and the same stopping rules
+  (`early_stopping` True, False or "never"). images [B, H, W, C] uint8 ->
+  the best hypothesis per image [B, max_length], padded after EOS.
+  """
+  b, k = images.shape[0], num_beams
+  keep = 2 * k
+  total = max_length + 1  # the start token, then max_length new tokens
+  neg = jnp.float32(-1.0e9)
+  cross = model.cross_kv(images)  # once per image, shared by its beams
+  cache = model.decoder.init_cache(b * k, max_length)
+  running = jnp.full((b, k, total), pad, jnp.int32).at[:, :, 0].set(bos)
+  state = dict(
+      cur=jnp.int32(1), running=running, running_scores=jnp.tile(
+          jnp.concatenate([jnp.zeros((1,)), jnp.full((k - 1,), neg)]), (b, 1)).astype(jnp.float32),
+      sequences=running, scores=jnp.full((b, k), neg), finished=jnp.zeros((b, k), bool),
+      open=jnp.ones((b, 1), bool), all_stopped=jnp.bool_(False), cache=cache)
+  top_mask = jnp.arange(keep) < k
+
+  def gather(x, idx):  # x [B, N, ...], idx [B, M] -> [B, M, ...]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  def cond(s):
+    improvable = jnp.any(s["open"])
+    beams_left = ~(jnp.all(s["finished"]) & (early_stopping is True))
+    return improvable & beams_left & ~s["all_stopped"]
+
+  def body(s):
+    cur = s["cur"]
+    last = jax.lax.dynamic_slice_in_dim(s["running"], cur - 1, 1, axis=2).reshape(b * k, 1)
+    logits, cache = model.decoder(last, cross, s["cache"], cur - 1)
+    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    vocab = logp.shape[-1]
+    logp = (logp.reshape(b, k, vocab) + s["running_scores"][:, :, None]).reshape(b, k * vocab)
+    top_logp, top_idx = jax.lax.top_k(logp, keep)
+    src = top_idx // vocab
+    tokens = (top_idx % vocab).astype(jnp.int32)
+    cand = gather(s["running"], src)
+    cand = jax.lax.dynamic_update_slice_in_dim(cand, tokens[:, :, None], cur, axis=2)
+    stopped = (tokens == eos) | (cur + 1 >= total)
+
+    # The best K candidates that did not stop keep running.
+    run_logp = top_logp + stopped.astype(jnp.float32) * neg
+    _, nxt = jax.lax.top_k(run_logp, k)
+    running = gather(cand, nxt)
+    running_scores = gather(run_logp, nxt)
+    beam_src = gather(src, nxt)  # which old beam each new one continues
+    flat = (jnp.arange(b)[:, None] * k + beam_src).reshape(-1)
+    cache = [(ck[flat], cv[flat]) for ck, cv in cache]
+
+    # Those of the top K that stopped join the finished hypotheses.
+    just_done = stopped & top_mask[None, :]
+    done_scores = top_logp / (cur.astype(jnp.float32) ** length_penalty)
+    full = jnp.all(s["finished"], axis=-1, keepdims=True) & (early_stopping is True)
+    done_scores += full.astype(jnp.float32) * neg
+    done_scores += (~s["open"]).astype(jnp.float32) * neg
+    done_scores += (~just_done).astype(jnp.float32) * neg
+    merged_scores = jnp.concatenate([s["scores"], done_scores], axis=1)
+    _, best = jax.lax.top_k(merged_scores, k)
+    sequences = gather(jnp.concatenate([s["sequences"], cand], axis=1), best)
+    scores = gather(merged_scores, best)
+    finished = gather(jnp.concatenate([s["finished"], just_done], axis=1), best)
+
+    cur = cur + 1
+    if early_stopping == "never" and length_penalty > 0.0:
+      best_len = jnp.float32(total - 1)
+    else:
+      best_len = (cur - 1).astype(jnp.float32)
+    best_running = running_scores[:, :1] / (best_len ** length_penalty)
+    worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
+    open_ = s["open"] & jnp.any(best_running > worst_done, axis=-1, keepdims=True)
+    return dict(cur=cur, running=running, running_scores=running_scores, sequences=sequences,
+                scores=scores, finished=finished, open=open_, all_stopped=jnp.all(stopped),
+                cache=cache)
+
+  out = jax.lax.while_loop(cond, body, state)
+  return out["sequences"][:, 0, 1:]

@@ -32,8 +32,10 @@ class TrainedCaptioner:
     graphdef, abs_params, param_sh = abstract_model(cfg, self.mesh)
     self.params = checkpoint.load_params(workdir, self.step,
                                          sharding.with_shardings(abs_params, param_sh))
+    if cfg.eval.num_beams < 1:
+      raise ValueError(f"eval.num_beams must be at least 1, got {cfg.eval.num_beams}")
     self._generate = generate.make_generate_fn(
-        graphdef, cfg.eval.max_length, self.bos, self.eos, self.pad,
+        graphdef, cfg.eval, self.bos, self.eos, self.pad,
         param_sh, sharding.batch_sharding(self.mesh))
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
