@@ -1,4 +1,4 @@
-"""The `capjax` command: prepare, train, eval, predict.
+"""The `capjax` command: prepare, train, eval, predict, import-hf, export-hf.
 
 Configs are Python files (`--config configs/demo.py`, or a name from
 `configs/`), overridden with `--config.KEY=VALUE`. Bad input ends the command
@@ -22,6 +22,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # resource tracker (a separate process, hence the environment) to remove; it
 # does, but warns about each.
 os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
+
+
+CHECKPOINT_HELP = "run directory (its latest checkpoint) or one checkpoint step folder"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                      description="Writes eval_predictions.jsonl and eval_metrics.json. "
                      "Override the checkpoint's config with --config.KEY=VALUE.")
   s.add_argument("--checkpoint", required=True,
-                 help="run directory (latest checkpoint) or one checkpoint step folder")
+                 help=CHECKPOINT_HELP)
   s.add_argument("--split", help="prepared folder to evaluate (default: the config's data.eval)")
   s.add_argument("--out", help="folder for the outputs (default: the run directory)")
 
@@ -80,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                      description="Writes one JSON object per image: image, caption, token_ids.")
   s.add_argument("images", nargs="+", help="image files")
   s.add_argument("--checkpoint", required=True,
-                 help="run directory (latest checkpoint) or one checkpoint step folder")
+                 help=CHECKPOINT_HELP)
   s.add_argument("--output", required=True, help="JSONL file to write")
   s.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
   s.add_argument("--num-beams", type=int, help="beam search width (default: the config's "
@@ -106,8 +109,8 @@ def _parser() -> argparse.ArgumentParser:
   s = sub.add_parser("export-hf", help="a capjax checkpoint to a Hugging Face folder",
                      description="Writes config.json, model.safetensors, tokenizer files, "
                      "preprocessor_config.json and generation_config.json, loadable by "
-                     "VisionEncoderDecoderModel.from_pretrained and pipeline('image-to-text').")
-  s.add_argument("checkpoint", help="run directory (latest checkpoint) or one checkpoint step folder")
+                     "transformers' VisionEncoderDecoderModel.from_pretrained.")
+  s.add_argument("checkpoint", help=CHECKPOINT_HELP)
   s.add_argument("--out", required=True, help="folder to write (replaced when complete)")
   s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repository "
                  "(token from the HF_TOKEN environment variable)")

@@ -1,7 +1,7 @@
 """`capjax export-hf`: a capjax checkpoint as a Hugging Face folder that
-`VisionEncoderDecoderModel.from_pretrained` and `pipeline("image-to-text")`
-load: config.json, model.safetensors, tokenizer files,
-preprocessor_config.json and generation_config.json.
+`VisionEncoderDecoderModel.from_pretrained` loads: config.json,
+model.safetensors, tokenizer files, preprocessor_config.json and
+generation_config.json.
 """
 
 from __future__ import annotations
