@@ -120,11 +120,9 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   tx = optim.optimizer(cfg.train)
   schedule = optim.schedule(cfg.train)
   abs_opt = jax.eval_shape(tx.init, abs_params)
+  # Optimiser moments shard like their parameters; counts and the like replicate.
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
                                  transform_non_params=lambda _: sharding.replicated(mesh))
-  # Leaves of the optimiser state that are not parameter-shaped are replicated.
-  opt_sh = jax.tree.map(lambda x: sharding.replicated(mesh) if x is None else x, opt_sh,
-                        is_leaf=lambda x: x is None)
 
   def init():
     params = nnx.state(build_captioner(cfg.model, cfg.seed))
