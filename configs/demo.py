@@ -32,7 +32,8 @@ def get_config() -> ConfigDict:
   c.tokenizer.vocab_size = 384  # of the BPE trained on the training captions
 
   c.model = ConfigDict()
-  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  c.model.dtype = "float32"  # compute dtype ("bfloat16"); parameters stay float32
+  c.model.remat = "none"  # recompute activations in the backward pass: "full" or "dots"
   c.model.image_mean = (0.5, 0.5, 0.5)
   c.model.image_std = (0.5, 0.5, 0.5)
   c.model.encoder = ConfigDict(dict(

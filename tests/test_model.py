@@ -62,3 +62,36 @@ def test_parameters_carry_logical_axis_names():
   assert any(v == ("vocab", "embed") for v in named.values())
   assert any(v == ("embed", "heads") for v in named.values())
   assert any(v == ("embed", "mlp") for v in named.values())
+
+
+def _grads(remat, dtype=jnp.float32):
+  enc = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, image_size=32, patch_size=8)
+  dec = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+  m = Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(0), dtype=dtype, remat=remat)
+  graphdef, params = nnx.split(m)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+  ids = jnp.asarray(rng.integers(0, 50, (2, 2, 6)), jnp.int32)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(images, ids)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_remat_keeps_loss_and_gradients():
+  base_loss, base = _grads("none")
+  for remat in ("full", "dots"):
+    loss, grads = _grads(remat)
+    assert float(loss) == float(base_loss)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  loss32, _ = _grads("none")
+  loss16, grads = _grads("none", jnp.bfloat16)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  assert abs(float(loss16) - float(loss32)) < 0.05 * abs(float(loss32))

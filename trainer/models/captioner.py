@@ -25,9 +25,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class Captioner(nnx.Module):
 
   def __init__(self, encoder: ViTConfig, decoder: GPT2Config, image_mean: Sequence[float],
-               image_std: Sequence[float], rngs: nnx.Rngs, dtype=jnp.float32):
-    self.encoder = ViT(encoder, rngs, dtype)
-    self.decoder = GPT2(decoder, rngs, dtype)
+               image_std: Sequence[float], rngs: nnx.Rngs, dtype=jnp.float32,
+               remat: str = "none"):
+    self.encoder = ViT(encoder, rngs, dtype, remat)
+    self.decoder = GPT2(decoder, rngs, dtype, remat)
     # As in VisionEncoderDecoderModel: a projection only when the widths differ.
     self.enc_to_dec_proj = (
         dense(encoder.hidden_size, decoder.n_embd, (None, "embed"), rngs, dtype)
@@ -59,4 +60,4 @@ def build_captioner(model_cfg: ConfigDict, seed: int = 0) -> Captioner:
       ViTConfig.from_dict(model_cfg.encoder.to_dict()),
       GPT2Config.from_dict(model_cfg.decoder.to_dict()),
       model_cfg.image_mean, model_cfg.image_std,
-      rngs=nnx.Rngs(seed), dtype=DTYPES[model_cfg.dtype])
+      rngs=nnx.Rngs(seed), dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat)

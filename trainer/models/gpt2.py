@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.models.layers import FromDict, Mlp, attend, dense, layer_norm, named, normal, split_heads
+from trainer.models.layers import (FromDict, Mlp, attend, dense, layer_norm, named, normal,
+                                   remat_layer, split_heads)
 
 KV = tuple[jax.Array, jax.Array]
 
@@ -108,9 +109,10 @@ class GPT2(nnx.Module):
   The language-model head is tied to the token embedding, as in GPT-2.
   """
 
-  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none"):
     self.cfg = cfg
     self.dtype = dtype
+    self.remat = remat
     self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, rngs=rngs,
                          embedding_init=named(normal(), "vocab", "embed"))
     self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, rngs=rngs,
@@ -131,10 +133,16 @@ class GPT2(nnx.Module):
                ) -> tuple[jax.Array, list[KV] | None]:
     positions = index + jnp.arange(input_ids.shape[1])
     x = self.wte(input_ids) + self.wpe(positions)[None]
-    new_cache = []
-    for i, block in enumerate(self.h):
-      x, c = block(x, cross_kv[i], None if cache is None else cache[i], index)
-      new_cache.append(c)
+    if cache is None:  # training: no cache, layers rematerialised as configured
+      step = remat_layer(lambda block, h, kv: block(h, kv, None, 0)[0], self.remat)
+      for i, block in enumerate(self.h):
+        x = step(block, x, cross_kv[i])
+      new_cache = None
+    else:
+      new_cache = []
+      for i, block in enumerate(self.h):
+        x, c = block(x, cross_kv[i], cache[i], index)
+        new_cache.append(c)
     x = self.ln_f(x)
     logits = self.wte.attend(x).astype(jnp.float32)
-    return logits, (None if cache is None else new_cache)
+    return logits, new_cache

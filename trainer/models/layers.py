@@ -34,6 +34,23 @@ class FromDict:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# Activation rematerialisation: what the backward pass may keep from the
+# forward pass of each layer ("none": everything, no recomputation).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_layer(fn: Callable, remat: str) -> Callable:
+  """`fn(layer, *args)`, rematerialised by the named policy (or as it is)."""
+  if remat == "none":
+    return fn
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat: unknown {remat!r} (none, {', '.join(REMAT_POLICIES)})")
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat])
+
+
 def named(init: Callable, *names: str | None) -> Callable:
   """An initializer whose parameter carries logical axis names."""
   return nnx.with_partitioning(init, names, eager_sharding=False)

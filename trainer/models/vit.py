@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.models.layers import FromDict, Mlp, attend, dense, layer_norm, named, split_heads
+from trainer.models.layers import (FromDict, Mlp, attend, dense, layer_norm, named, remat_layer,
+                                   split_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +62,11 @@ class ViTLayer(nnx.Module):
 class ViT(nnx.Module):
   """Pixels [B, H, W, C] (already normalised) to hidden states [B, 1 + N, D]."""
 
-  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype=jnp.float32):
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none"):
     d, p = cfg.hidden_size, cfg.patch_size
     self.cfg = cfg
     self.dtype = dtype
+    self.remat = remat
     self.patch_embed = nnx.Conv(
         cfg.num_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
         dtype=dtype, rngs=rngs,
@@ -84,6 +86,7 @@ class ViT(nnx.Module):
     x = x.reshape(b, h * w, d)
     cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
     x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings[...].astype(x.dtype)
+    step = remat_layer(lambda layer, h: layer(h), self.remat)
     for layer in self.layers:
-      x = layer(x)
+      x = step(layer, x)
     return self.layernorm(x)
