@@ -37,9 +37,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
 
 def save_params(workdir: str, step: int, params: Any, config: ConfigDict) -> None:
   """A checkpoint of parameters and config alone (an imported model)."""
-  mngr = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+  mngr = manager(workdir)
   mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                           config=ocp.args.JsonSave(config.to_dict())))
   mngr.wait_until_finished()

@@ -136,7 +136,6 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
                        "expected 'vision-encoder-decoder' (or use --encoder/--decoder)")
     enc, dec = top["encoder"], top["decoder"]
     tensors, token_dir, image_dir = read_tensors(hf_dir), hf_dir, hf_dir
-    prefixes = ("encoder.", "decoder.transformer.")
   else:
     enc, dec = read_json(encoder_dir, "config.json"), read_json(decoder_dir, "config.json")
     top = {}
@@ -146,7 +145,6 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
         for strip in ("vit.", "transformer."):  # task heads wrap the base model
           k = k[len(strip):] if k.startswith(strip) else k
         tensors[prefix + k] = v
-    prefixes = ("encoder.", "decoder.transformer.")
   for name, sub, want in (("encoder", enc, "vit"), ("decoder", dec, "gpt2")):
     if sub.get("model_type") != want:
       raise ValueError(f"{name} model_type is {sub.get('model_type')!r}; capjax "
@@ -171,7 +169,7 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
   params = nnx.state(model, nnx.Param)
   pure = nnx.to_pure_dict(params)
   loaded = hf_checkpoint.to_capjax(
-      tensors, enc_cfg, dec_cfg, *prefixes, with_projection=bool(hf_dir) and
+      tensors, enc_cfg, dec_cfg, with_projection=bool(hf_dir) and
       enc_cfg.hidden_size != dec_cfg.n_embd, source=hf_dir or f"{encoder_dir} + {decoder_dir}")
   grid = cfg.data.image_size // enc_cfg.patch_size
   loaded["encoder"]["position_embeddings"] = interpolate_positions(
