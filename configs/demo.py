@@ -34,14 +34,19 @@ def get_config() -> ConfigDict:
   c.model = ConfigDict()
   c.model.dtype = "float32"  # compute dtype ("bfloat16"); parameters stay float32
   c.model.remat = "none"  # recompute activations in the backward pass: "full" or "dots"
+  # One compiled layer scanned over stacked weights: compile time independent
+  # of depth (deep models); checkpoints load into either layout.
+  c.model.scan_layers = False
   c.model.image_mean = (0.5, 0.5, 0.5)
   c.model.image_std = (0.5, 0.5, 0.5)
   c.model.encoder = ConfigDict(dict(
       hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-      intermediate_size=512, image_size=64, patch_size=8))
+      intermediate_size=512, image_size=64, patch_size=8,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
   c.model.decoder = ConfigDict(dict(
       vocab_size=0,  # 0: the tokenizer's size
-      n_positions=32, n_embd=128, n_layer=2, n_head=4))
+      n_positions=32, n_embd=128, n_layer=2, n_head=4,
+      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # dropout: as GPT-2's 0.1 when unset
 
   c.train = ConfigDict()
   c.train.steps = 850
@@ -54,6 +59,9 @@ def get_config() -> ConfigDict:
   c.train.b2 = 0.98
   c.train.grad_clip = 1.0
   c.train.log_every = 20
+  # A checkpoint to start from (e.g. a run directory written by import-hf):
+  # its model, tokenizer and image settings, with a fresh optimiser.
+  c.train.init_from = ""
 
   c.checkpoint = ConfigDict()
   c.checkpoint.every_steps = 250
@@ -65,6 +73,7 @@ def get_config() -> ConfigDict:
   c.eval.num_beams = 1  # 1: greedy
   c.eval.length_penalty = 1.0  # beam search: score = log-prob / length ** this
   c.eval.early_stopping = "false"  # beam search: "true", "false" or "never", as in transformers
+  c.eval.no_repeat_ngram_size = 0  # >0: never repeat an n-gram of this size, as in transformers
   c.eval.num_samples = 3  # captions printed at the end
   c.eval.content_accuracy = True  # parse captions with the synthetic grammar
 
@@ -78,5 +87,6 @@ def get_config() -> ConfigDict:
       ("mlp", "tensor"),
       ("vocab", "tensor"),
       ("norm", None),
+      ("layers", None),  # the stacked-layer axis of scan_layers
   )
   return c

@@ -60,14 +60,15 @@ def decode_and_resize(data: bytes, size: int, mode: str = "crop",
   return np.ascontiguousarray(img)
 
 
-def tokenize_captions(tok, captions: Sequence[str], max_length: int
-                      ) -> dict[str, np.ndarray]:
+def tokenize_captions(tok, captions: Sequence[str], max_length: int,
+                      special: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
   """Decoder inputs, labels and loss mask, each [len(captions), max_length].
 
   inputs = [BOS] + tokens, labels = tokens + [EOS], truncated and padded.
+  `special`: the model's (BOS, EOS, pad) ids; the tokenizer's by default.
   """
   ids = tok(list(captions), add_special_tokens=False)["input_ids"]
-  bos, eos, pad = tokenizer_lib.special_ids(tok)
+  bos, eos, pad = special or tokenizer_lib.special_ids(tok)
   n = len(captions)
   inputs = np.full((n, max_length), pad, np.int32)
   labels = np.full((n, max_length), pad, np.int32)
@@ -89,8 +90,10 @@ class TrainExample(grain.transforms.RandomMap):
   """
 
   def __init__(self, image_size: int, tokenizer_dir: str, max_length: int,
-               captions_per_image: int, resize: str = "crop", resample: str = "auto"):
+               captions_per_image: int, resize: str = "crop", resample: str = "auto",
+               special: tuple[int, int, int] | None = None):
     self.image_size = image_size
+    self.special = special
     self.tokenizer_dir = tokenizer_dir
     self.max_length = max_length
     self.captions_per_image = captions_per_image
@@ -108,7 +111,7 @@ class TrainExample(grain.transforms.RandomMap):
     k = self.captions_per_image
     order = rng.permutation(len(caps))
     chosen = [caps[order[i % len(caps)]] for i in range(k)]
-    out = tokenize_captions(self._tok, chosen, self.max_length)
+    out = tokenize_captions(self._tok, chosen, self.max_length, self.special)
     out["loss_mask"][len(caps):] = 0.0
     out["image"] = decode_and_resize(record["image"], self.image_size, self.resize,
                                      self.resample)

@@ -14,26 +14,31 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from pipeline import tokenizer as tokenizer_lib  # noqa: E402
-from tests.conftest import run_capjax  # noqa: E402
-from trainer import checkpoint, generate, hf_import, sharding  # noqa: E402
-from trainer.train import abstract_model, loss_fn  # noqa: E402
+from tests.conftest import TINY_CONFIG, run_capjax  # noqa: E402
+from trainer import generate, hf_import, params as params_lib  # noqa: E402
+from trainer.train import loss_fn  # noqa: E402
 
 CAPTIONS = ["a red circle", "two blue squares on a plain background", "a small green cross"] * 30
 
-# (name, encoder fields, decoder fields, image size to import at)
+# (name, encoder fields, decoder fields, image size to import at, the layer
+# layouts: of the imported checkpoint, then of the model it is loaded into)
 CASES = [
     ("same-width", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, image_size=32, patch_size=8),
-     dict(n_embd=32, n_layer=2, n_head=4), None),
+     dict(n_embd=32, n_layer=2, n_head=4), None, (False, False)),
     ("projection", dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=96, image_size=32, patch_size=8, hidden_act="gelu_new",
                         layer_norm_eps=1e-6),
      dict(n_embd=32, n_layer=3, n_head=2, n_inner=80, activation_function="gelu",
-          layer_norm_epsilon=1e-6), None),
+          layer_norm_epsilon=1e-6), None, (True, True)),
     ("new-image-size", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64, image_size=32, patch_size=8),
-     dict(n_embd=48, n_layer=2, n_head=4), 48),
+     dict(n_embd=48, n_layer=2, n_head=4), 48, (False, True)),
 ]
+
+
+def _scan(on):
+  return [f"config.model.scan_layers={str(on).lower()}"]
 
 
 def _hf_model(tmp_path, enc, dec, seed=0, eos_boost=0.0):
@@ -62,13 +67,9 @@ def _hf_model(tmp_path, enc, dec, seed=0, eos_boost=0.0):
   return model, folder
 
 
-def _load(run_dir):
-  workdir, step = checkpoint.find(str(run_dir))
-  cfg = checkpoint.load_config(workdir, step)
-  mesh = sharding.make_mesh(cfg.mesh)
-  graphdef, abs_params, param_sh = abstract_model(cfg, mesh)
-  params = checkpoint.load_params(workdir, step, sharding.with_shardings(abs_params, param_sh))
-  return cfg, graphdef, params
+def _load(run_dir, overrides=()):
+  r = params_lib.restore(str(run_dir), overrides)
+  return r.cfg, r.graphdef, r.params
 
 
 def _inputs(cfg, size, batch=3, length=9, seed=0):
@@ -80,11 +81,13 @@ def _inputs(cfg, size, batch=3, length=9, seed=0):
   return images, ids, torch.from_numpy(pixels)
 
 
-@pytest.mark.parametrize("name, enc, dec, image_size", CASES, ids=[c[0] for c in CASES])
-def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, image_size):
+@pytest.mark.parametrize("name, enc, dec, image_size, scan", CASES, ids=[c[0] for c in CASES])
+def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, image_size, scan):
   hf, folder = _hf_model(tmp_path, enc, dec)
-  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size)
-  cfg, graphdef, params = _load(tmp_path / "run")
+  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
+                      overrides=_scan(scan[0]))
+  cfg, graphdef, params = _load(tmp_path / "run", _scan(scan[1]))
+  assert cfg.model.scan_layers == scan[1]
   size = image_size or enc["image_size"]
   assert cfg.data.image_size == size and cfg.data.resize == "squash"
   assert tuple(cfg.model.image_mean) == pytest.approx((0.4, 0.5, 0.6))
@@ -116,11 +119,12 @@ def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, ima
   np.testing.assert_array_equal(tokens, ref)
 
 
-@pytest.mark.parametrize("name, enc, dec, image_size", CASES, ids=[c[0] for c in CASES])
-def test_beam_search_matches_transformers(tmp_path, name, enc, dec, image_size):
+@pytest.mark.parametrize("name, enc, dec, image_size, scan", CASES, ids=[c[0] for c in CASES])
+def test_beam_search_matches_transformers(tmp_path, name, enc, dec, image_size, scan):
   hf, folder = _hf_model(tmp_path, enc, dec, seed=4, eos_boost=4.0)
-  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size)
-  cfg, graphdef, params = _load(tmp_path / "run")
+  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
+                      overrides=_scan(scan[0]))
+  cfg, graphdef, params = _load(tmp_path / "run", _scan(scan[1]))
   model = nnx.merge(graphdef, params)
   images, _, pixels = _inputs(cfg, image_size or enc["image_size"], batch=6, seed=5)
   d = cfg.model.decoder
@@ -142,9 +146,11 @@ def test_beam_search_matches_transformers(tmp_path, name, enc, dec, image_size):
 
 
 def test_round_trips(tmp_path):
-  _, enc, dec, _ = CASES[1]
+  _, enc, dec, _, _ = CASES[1]
   hf, folder = _hf_model(tmp_path, enc, dec, seed=1)
-  run_capjax("import-hf", str(folder), "--out", str(tmp_path / "run"))
+  # Stacked layers in the checkpoint; export writes one tensor a layer.
+  run_capjax("import-hf", str(folder), "--out", str(tmp_path / "run"),
+             "--config.model.scan_layers=true")
   run_capjax("export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "exported"))
   for f in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
             "generation_config.json"):
@@ -165,7 +171,7 @@ def test_round_trips(tmp_path):
 
   # export then import: identical parameters
   run_capjax("import-hf", str(tmp_path / "exported"), "--out", str(tmp_path / "again"))
-  _, _, params2 = _load(tmp_path / "again")
+  _, _, params2 = _load(tmp_path / "again", _scan(True))
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -181,18 +187,22 @@ def test_round_trips(tmp_path):
 
 
 def test_encoder_and_decoder_separately(tmp_path):
-  _, enc, dec, _ = CASES[1]
+  """The classic recipe: a ViT and a GPT-2, cross-attention new; the GPT-2 as
+  a PyTorch `.bin`, read with PyTorch's weights-only loader."""
+  _, enc, dec, _, _ = CASES[1]
   hf, folder = _hf_model(tmp_path, enc, dec, seed=3)
   hf.encoder.save_pretrained(tmp_path / "vit")
   transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
   hf.decoder.save_pretrained(tmp_path / "gpt2")
+  os.remove(tmp_path / "gpt2" / "model.safetensors")
+  torch.save(hf.decoder.state_dict(), tmp_path / "gpt2" / "pytorch_model.bin")
   tokenizer_lib.load(str(folder)).save_pretrained(tmp_path / "gpt2")
   run_capjax("import-hf", "--encoder", str(tmp_path / "vit"), "--decoder", str(tmp_path / "gpt2"),
              "--out", str(tmp_path / "run"))
   cfg, graphdef, params = _load(tmp_path / "run")
   from safetensors.numpy import load_file
   vit = load_file(tmp_path / "vit" / "model.safetensors")  # the names on disk
-  gpt2 = load_file(tmp_path / "gpt2" / "model.safetensors")
+  gpt2 = {k: v.numpy() for k, v in hf.decoder.state_dict().items()}
   pure = nnx.to_pure_dict(params)
   np.testing.assert_array_equal(np.asarray(pure["decoder"]["wte"]["embedding"]),
                                 gpt2["transformer.wte.weight"])
@@ -202,8 +212,83 @@ def test_encoder_and_decoder_separately(tmp_path):
   assert "enc_to_dec_proj" in pure  # 48 -> 32, newly initialised
 
 
+class _Payload:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+  """A `.bin` that would run code when unpickled is refused, and runs nothing."""
+  _, enc, dec, _, _ = CASES[0]
+  _, folder = _hf_model(tmp_path, enc, dec)
+  os.remove(folder / "model.safetensors")
+  torch.save({"x": _Payload(tmp_path / "pwned")}, folder / "pytorch_model.bin")
+  proc = run_capjax("import-hf", str(folder), "--out", str(tmp_path / "x"), check=False)
+  assert proc.returncode != 0 and "pytorch_model.bin: refused" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "pwned").exists() and not (tmp_path / "x").exists()
+
+
 def test_bad_folder_is_one_line(tmp_path):
   proc = run_capjax("import-hf", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
   assert proc.returncode != 0 and "no config.json" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
   assert not (tmp_path / "x").exists()
+
+
+def test_training_starts_from_an_imported_model(tmp_path, prepared):
+  """`train.init_from`: the imported model, tokenizer and image settings, in
+  the other layer layout; with a zero learning rate the weights stay put."""
+  _, enc, dec, _, _ = CASES[0]
+  _, folder = _hf_model(tmp_path, enc, dec, seed=6)
+  run_capjax("import-hf", str(folder), "--out", str(tmp_path / "imported"))
+  proc = run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "ft"),
+                    f"--config.train.init_from={tmp_path / 'imported'}",
+                    f"--config.data.train={prepared['train']}",
+                    f"--config.data.eval={prepared['val']}",
+                    "--config.model.scan_layers=true", "--config.train.learning_rate=0.0",
+                    "--config.train.steps=2")
+  assert "starting from the parameters of" in proc.stdout
+  cfg, _, trained = _load(tmp_path / "ft", _scan(False))
+  _, _, imported = _load(tmp_path / "imported")
+  assert cfg.model.scan_layers is False and cfg.data.image_size == 32
+  assert cfg.model.decoder.n_embd == dec["n_embd"] and cfg.model.decoder.resid_pdrop == 0.1
+  for x, y in zip(jax.tree.leaves(imported), jax.tree.leaves(trained)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert len(tokenizer_lib.load(str(tmp_path / "ft" / "tokenizer"))) == \
+      len(tokenizer_lib.load(str(folder)))
+
+
+def test_no_repeat_ngram_size_matches_transformers(tmp_path):
+  _, enc, dec, _, _ = CASES[0]
+  hf, folder = _hf_model(tmp_path, enc, dec, seed=7)
+  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder))
+  cfg, graphdef, params = _load(tmp_path / "run")
+  model = nnx.merge(graphdef, params)
+  images, _, pixels = _inputs(cfg, enc["image_size"], batch=4, seed=8)
+  d = cfg.model.decoder
+  special = (d.bos_token_id, d.eos_token_id, d.pad_token_id)
+
+  def repeats(rows, n):  # repeated n-grams before EOS
+    rows = [r[:r.index(d.eos_token_id)] if d.eos_token_id in r else r for r in rows.tolist()]
+    return sum(len(r) - n + 1 - len({tuple(r[i:i + n]) for i in range(len(r) - n + 1)})
+               for r in rows if len(r) >= n)
+
+  plain = np.asarray(generate.greedy(model, jnp.asarray(images), 14, *special))
+  assert repeats(plain, 2) > 0  # random weights repeat themselves: the ban has work to do
+  for beams, n in ((1, 2), (1, 3), (3, 2)):
+    if beams == 1:
+      ours = generate.greedy(model, jnp.asarray(images), 14, *special, no_repeat_ngram_size=n)
+    else:
+      ours = generate.beam_search(model, jnp.asarray(images), 14, beams, *special,
+                                  no_repeat_ngram_size=n)
+    ours = np.asarray(ours)
+    with torch.no_grad():
+      ref = hf.generate(pixel_values=pixels, max_new_tokens=14, num_beams=beams,
+                        do_sample=False, no_repeat_ngram_size=n)[:, 1:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, 14 - ref.shape[1])), constant_values=d.pad_token_id)
+    np.testing.assert_array_equal(ours, ref, err_msg=f"beams {beams}, n {n}")
+    assert repeats(ours, n) == 0

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 
@@ -22,7 +23,8 @@ def test_two_processes_match_one(prepared, tmp_path):
   multi = tmp_path / "multi"
   proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "2", "train",
                          "--workdir", str(multi), *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=600)
+                        cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "CAPJAX_PYTHON": sys.executable})
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "[0] step 4/4" in proc.stdout and "[1] " in proc.stdout
   assert sorted(os.listdir(multi / "checkpoints")) == ["3", "4"]

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from trainer import generate
@@ -95,3 +96,83 @@ def test_bfloat16_compute_keeps_float32_parameters():
   loss16, grads = _grads("none", jnp.bfloat16)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   assert abs(float(loss16) - float(loss32)) < 0.05 * abs(float(loss32))
+
+
+def _twins(dropout=0.0):
+  """The same weights in both layer layouts: a list of layers, and stacked
+  layers run by a scan."""
+  from trainer.params import to_layout
+
+  enc = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  intermediate_size=64, image_size=32, patch_size=8,
+                  hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+  dec = GPT2Config(vocab_size=50, n_positions=16, n_embd=48, n_layer=2, n_head=4,
+                   resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+  listed = Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(0))
+  scanned = Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(1), scan=True)
+  state = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(state, to_layout(nnx.to_pure_dict(nnx.state(listed, nnx.Param)), True))
+  nnx.update(scanned, state)
+  return listed, scanned
+
+
+def _loss_and_grads(model, images, ids, key=None):
+  graphdef, params = nnx.split(model)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p)(images, ids, key)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_scanned_layers_compute_the_same():
+  from trainer.params import to_layout
+
+  listed, scanned = _twins()
+  specs = nnx.get_partition_spec(nnx.state(scanned))
+  assert tuple(specs["decoder"]["h"]["attn"]["query"]["kernel"]) == ("layers", "embed", "heads")
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+  ids = jnp.asarray(rng.integers(0, 50, (2, 2, 6)), jnp.int32)
+  loss_a, grads_a = _loss_and_grads(listed, images, ids)
+  loss_b, grads_b = _loss_and_grads(scanned, images, ids)
+  assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
+  grads_b = to_layout(nnx.to_pure_dict(grads_b), False)
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(grads_a)), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for fn in (lambda m: generate.greedy(m, images, 8, 0, 3, 0),
+             lambda m: generate.beam_search(m, images, 8, 3, 0, 3, 0)):
+    np.testing.assert_array_equal(fn(listed), fn(scanned))
+  back = to_layout(to_layout(nnx.to_pure_dict(nnx.state(listed, nnx.Param)), True), False)
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(listed, nnx.Param))),
+                  jax.tree.leaves(back)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_only_with_a_key():
+  listed, scanned = _twins(dropout=0.2)
+  plain, _ = _twins(dropout=0.0)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+  ids = jnp.asarray(rng.integers(0, 50, (2, 2, 6)), jnp.int32)
+  key = jax.random.key(7)
+  evaluated = listed(images, ids)
+  np.testing.assert_array_equal(evaluated, plain(images, ids))  # no key: no dropout
+  a, b = listed(images, ids, key), listed(images, ids, key)
+  np.testing.assert_array_equal(a, b)  # the key decides
+  assert float(jnp.abs(a - evaluated).max()) > 1e-2
+  assert float(jnp.abs(listed(images, ids, jax.random.key(8)) - a).max()) > 1e-2
+  np.testing.assert_allclose(scanned(images, ids, key), a, rtol=1e-5, atol=1e-5)
+  loss, grads = _loss_and_grads(scanned, images, ids, key)
+  assert np.isfinite(float(loss)) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_dropout_rate_and_scale():
+  from trainer.models.layers import dropout
+
+  x = jnp.ones((200, 500))
+  y = np.asarray(dropout(x, 0.3, jax.random.key(0)))
+  assert abs((y == 0).mean() - 0.3) < 0.01
+  np.testing.assert_allclose(y[y != 0], 1 / 0.7, rtol=1e-6)
+  assert dropout(x, 0.3, None) is x

@@ -8,34 +8,39 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO, TINY_CONFIG
 
-SCRIPT = textwrap.dedent(f"""
+SCRIPT = textwrap.dedent("""
     import json, jax
     from flax import nnx
     from trainer import config, sharding
     from trainer.models.captioner import build_captioner
-    from trainer.train import abstract_model
-    cfg = config.load({TINY_CONFIG!r}, ["config.mesh.data=2", "config.mesh.fsdp=2",
-                                         "config.mesh.tensor=2"])
+    from trainer.params import abstract_model
+    cfg = config.load(TINY_CONFIG, ["config.mesh.data=2", "config.mesh.fsdp=2",
+                                    "config.mesh.tensor=2", "config.model.scan_layers=" + SCAN])
     cfg.model.decoder.vocab_size = 64
     mesh = sharding.make_mesh(cfg.mesh)
     graphdef, abstract, shardings = abstract_model(cfg, mesh)
     params = jax.jit(lambda: nnx.state(build_captioner(cfg.model, 0)), out_shardings=shardings)()
-    out = {{}}
+    out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-      out[jax.tree_util.keystr(path)] = {{
+      out[jax.tree_util.keystr(path)] = {
           "spec": [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec],
           "shape": list(x.shape), "shard": list(x.addressable_shards[0].data.shape),
-          "devices": len(x.sharding.device_set)}}
+          "devices": len(x.sharding.device_set)}
     print(json.dumps(out))
 """)
 
 
-def test_parameters_follow_the_rule_table():
+@pytest.mark.parametrize("scan", [False, True], ids=["listed", "scanned"])
+def test_parameters_follow_the_rule_table(scan):
+  """With scan_layers the stacked layer axis comes first and is replicated."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
+  script = f"TINY_CONFIG, SCAN = {TINY_CONFIG!r}, {str(scan).lower()!r}\n" + SCRIPT
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   params = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -43,6 +48,13 @@ def test_parameters_follow_the_rule_table():
   def find(*words):
     hits = [v for k, v in params.items() if all(w in k for w in words)]
     assert hits, words
+    if scan:  # inside a layer stack: a leading layer axis, replicated
+      stacked = [k for k in params if all(w in k for w in words)
+                 and ("['layers']" in k or "['h']" in k)]
+      for k in stacked:
+        p = params[k]
+        assert p["spec"][:1] in ([], [None]) and p["shard"][0] == p["shape"][0] == 1
+        p.update(spec=p["spec"][1:], shape=p["shape"][1:], shard=p["shard"][1:])
     return hits
 
   # rules: embed -> fsdp, heads/mlp/vocab -> tensor, norm -> replicated
@@ -62,3 +74,5 @@ def test_parameters_follow_the_rule_table():
   for p in find("patch_embed", "kernel"):  # (None, None, None, embed)
     assert p["spec"] == [None, None, None, "fsdp"]
   assert all(p["devices"] == 8 for p in params.values())
+  stacks = [k for k in params if "['layers']" in k or "['h']" in k]
+  assert stacks and all(params[k]["shape"] != [] for k in stacks)

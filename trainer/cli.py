@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
                  "eval.num_beams; 1 is greedy)")
   s.add_argument("--max-length", type=int, help="most tokens per caption (default: the "
                  "config's eval.max_length)")
+  s.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this "
+                 "size (default: the config's eval.no_repeat_ngram_size; 0 is off)")
 
   s = sub.add_parser("import-hf", help="a Hugging Face ViT + GPT-2 checkpoint to a capjax run directory",
                      description="Reads a VisionEncoderDecoderModel folder (HF_DIR), or a ViT "
@@ -152,7 +154,7 @@ def _train(args, overrides) -> int:
       raise ValueError("--coordinator, --num-processes and --process-id go together")
     import jax
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  cfg = config.load(args.config, overrides)
+  cfg = train.inherit_from_checkpoint(config.load(args.config, overrides), overrides)
   train.train(cfg, args.workdir)
   return 0
 
@@ -184,10 +186,9 @@ def _predict(args, overrides) -> int:
   for path in args.images:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such file")
-  if args.num_beams is not None:
-    overrides = [*overrides, f"config.eval.num_beams={args.num_beams}"]
-  if args.max_length is not None:
-    overrides = [*overrides, f"config.eval.max_length={args.max_length}"]
+  for flag in ("num_beams", "max_length", "no_repeat_ngram_size"):
+    if getattr(args, flag) is not None:
+      overrides = [*overrides, f"config.eval.{flag}={getattr(args, flag)}"]
   model = TrainedCaptioner(args.checkpoint, overrides)
 
   def batches():

@@ -13,11 +13,10 @@ import numpy as np
 from flax import nnx
 
 from pipeline import atomic, tokenizer as tokenizer_lib
-from trainer import checkpoint, hf_checkpoint, sharding
+from trainer import hf_checkpoint, params as params_lib
 from trainer.hf_import import RESAMPLE
 from trainer.models.gpt2 import GPT2Config
 from trainer.models.vit import ViTConfig
-from trainer.train import abstract_model
 
 
 def export_hf(checkpoint_path: str, out_dir: str) -> str:
@@ -25,12 +24,10 @@ def export_hf(checkpoint_path: str, out_dir: str) -> str:
   from transformers import (GenerationConfig, GPT2Config as HFGPT2Config, ViTConfig as HFViTConfig,
                             ViTImageProcessor, VisionEncoderDecoderConfig)
 
-  workdir, step = checkpoint.find(checkpoint_path)
-  cfg = checkpoint.load_config(workdir, step)
-  mesh = sharding.make_mesh(cfg.mesh)
-  _, abs_params, param_sh = abstract_model(cfg, mesh)
-  params = checkpoint.load_params(workdir, step, sharding.with_shardings(abs_params, param_sh))
-  pure = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(params))
+  # Hugging Face holds one tensor a layer: restore into that layout.
+  r = params_lib.restore(checkpoint_path, ["config.model.scan_layers=false"])
+  workdir, cfg = r.workdir, r.cfg
+  pure = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(r.params))
   enc = ViTConfig.from_dict(cfg.model.encoder.to_dict())
   dec = GPT2Config.from_dict(cfg.model.decoder.to_dict())
   tensors = hf_checkpoint.to_hf(pure, enc, dec)
@@ -51,7 +48,9 @@ def export_hf(checkpoint_path: str, out_dir: str) -> str:
       resample=resample, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
       image_mean=list(cfg.model.image_mean), image_std=list(cfg.model.image_std))
   generation = GenerationConfig(decoder_start_token_id=bos, bos_token_id=bos, eos_token_id=eos,
-                                pad_token_id=pad, max_length=cfg.eval.max_length + 1)
+                                pad_token_id=pad, max_length=cfg.eval.max_length + 1,
+                                num_beams=cfg.eval.num_beams,
+                                no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size)
   with atomic.folder(out_dir) as tmp:
     hf_config.save_pretrained(tmp)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

@@ -21,7 +21,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from pipeline import atomic, tokenizer as tokenizer_lib
-from trainer import checkpoint, config as config_lib, hf_checkpoint
+from trainer import checkpoint, config as config_lib, hf_checkpoint, params as params_lib
 from trainer.models.captioner import build_captioner
 from trainer.models.gpt2 import GPT2Config
 from trainer.models.vit import ViTConfig
@@ -60,7 +60,13 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
                      "(pip install torch), or convert them to safetensors") from None
   out = {}
   for f in bins:
-    state = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
+    try:  # weights_only: tensors and plain containers, never code from the file
+      state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+      raise ValueError(f"{f}: refused, not a plain tensor file "
+                       f"({str(e).strip().splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+      raise ValueError(f"{f}: not a state dict of tensors")
     out.update({k: v.float().numpy() for k, v in state.items()})
   return out
 
@@ -174,7 +180,7 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
   grid = cfg.data.image_size // enc_cfg.patch_size
   loaded["encoder"]["position_embeddings"] = interpolate_positions(
       loaded["encoder"]["position_embeddings"], grid)
-  _merge(pure, loaded, ())
+  _merge(pure, params_lib.to_layout(loaded, cfg.model.scan_layers), ())
   nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
 
   with atomic.folder(out_dir) as tmp:

@@ -14,29 +14,24 @@ import jax
 import numpy as np
 
 from pipeline import tokenizer as tokenizer_lib, transforms
-from trainer import checkpoint, config as config_lib, generate, sharding
-from trainer.train import abstract_model
+from trainer import generate, params as params_lib, sharding
 
 
 class TrainedCaptioner:
 
   def __init__(self, checkpoint_path: str, overrides: Sequence[str] = ()):
     """`overrides`: `config.KEY=VALUE` strings applied to the checkpoint's config."""
-    self.workdir, self.step = checkpoint.find(checkpoint_path)
-    workdir = self.workdir
-    cfg = config_lib.apply_overrides(checkpoint.load_config(workdir, self.step), list(overrides))
-    self.cfg = cfg
-    self.tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
+    r = params_lib.restore(checkpoint_path, overrides)
+    self.workdir, self.step, self.cfg, self.mesh, self.params = (
+        r.workdir, r.step, r.cfg, r.mesh, r.params)
+    cfg = r.cfg
+    self.tok = tokenizer_lib.load(os.path.join(self.workdir, "tokenizer"))
     self.bos, self.eos, self.pad = tokenizer_lib.special_ids(self.tok)
-    self.mesh = sharding.make_mesh(cfg.mesh)
-    graphdef, abs_params, param_sh = abstract_model(cfg, self.mesh)
-    self.params = checkpoint.load_params(workdir, self.step,
-                                         sharding.with_shardings(abs_params, param_sh))
     if cfg.eval.num_beams < 1:
       raise ValueError(f"eval.num_beams must be at least 1, got {cfg.eval.num_beams}")
     self._generate = generate.make_generate_fn(
-        graphdef, cfg.eval, self.bos, self.eos, self.pad,
-        param_sh, sharding.batch_sharding(self.mesh))
+        r.graphdef, cfg.eval, self.bos, self.eos, self.pad,
+        r.shardings, sharding.batch_sharding(self.mesh))
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
   def images(self, encoded: Sequence[bytes]) -> np.ndarray:

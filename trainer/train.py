@@ -23,7 +23,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from pipeline import records, tokenizer as tokenizer_lib, transforms
-from trainer import checkpoint, optim, sharding, writers
+from trainer import checkpoint, config as config_lib, optim, sharding, writers
+from trainer import params as params_lib
 from trainer.models.captioner import build_captioner
 
 
@@ -44,36 +45,48 @@ def prepare_tokenizer(cfg: ConfigDict, workdir: str):
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("tokenizer")
   tok = tokenizer_lib.load(path)
-  bos, eos, pad = tokenizer_lib.special_ids(tok)
   dec = cfg.model.decoder
   if dec.vocab_size == 0:
     dec.vocab_size = len(tok)
-  dec.bos_token_id, dec.eos_token_id, dec.pad_token_id = bos, eos, pad
+  if "eos_token_id" not in dec:  # an imported model keeps its own (decoder_start_token_id)
+    dec.bos_token_id, dec.eos_token_id, dec.pad_token_id = tokenizer_lib.special_ids(tok)
   return tok, path
 
 
-def abstract_model(cfg: ConfigDict, mesh):
-  """(graphdef, abstract params, their shardings), without allocating."""
-  model = nnx.eval_shape(lambda: build_captioner(cfg.model, cfg.seed))
-  graphdef, params = nnx.split(model)
-  specs = nnx.get_partition_spec(params)
-  shardings = sharding.tree_shardings(params, specs, dict(cfg.mesh.rules), mesh)
-  return graphdef, params, shardings
+def inherit_from_checkpoint(cfg: ConfigDict, overrides: list[str]) -> ConfigDict:
+  """With `train.init_from` (e.g. a run directory from `import-hf`): that
+  checkpoint's architecture, image preprocessing and tokenizer, so that a
+  fine-tuning config need not repeat them. Command-line overrides still win."""
+  if not cfg.train.init_from:
+    return cfg
+  workdir, step = checkpoint.find(cfg.train.init_from)
+  saved = checkpoint.load_config(workdir, step)
+  cfg.model.encoder = saved.model.encoder
+  cfg.model.decoder = saved.model.decoder
+  cfg.model.image_mean = tuple(saved.model.image_mean)
+  cfg.model.image_std = tuple(saved.model.image_std)
+  for key in ("image_size", "resize", "resample"):
+    cfg.data[key] = saved.data[key]
+  cfg.tokenizer.path = os.path.join(workdir, "tokenizer")
+  return config_lib.apply_overrides(cfg, overrides)
 
 
-def loss_fn(params, graphdef, batch):
-  """Mean cross-entropy over the non-padding tokens of the global batch."""
-  logits = nnx.merge(graphdef, params)(batch["image"], batch["input_ids"])
+def loss_fn(params, graphdef, batch, key=None):
+  """Mean cross-entropy over the non-padding tokens of the global batch;
+  dropout (at the config's rates) when `key` is given."""
+  logits = nnx.merge(graphdef, params)(batch["image"], batch["input_ids"], key)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
   mask = batch["loss_mask"]
   tokens = jnp.maximum(mask.sum(), 1.0)
   return (ce * mask).sum() / tokens, tokens
 
 
-def make_train_step(graphdef, tx, schedule):
+def make_train_step(graphdef, tx, schedule, seed: int = 0):
 
   def train_step(params, opt_state, step, batch):
-    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch)
+    key = jax.random.fold_in(jax.random.key(seed), step)  # dropout: the same on resume
+    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch,
+                                                                      key)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
@@ -89,9 +102,11 @@ def make_loader(cfg: ConfigDict, tokenizer_dir: str) -> grain.DataLoader:
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shuffle=True, num_epochs=None, seed=cfg.seed,
       shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
+  d = cfg.model.decoder
   example = transforms.TrainExample(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
                                     cfg.data.captions_per_image, cfg.data.resize,
-                                    cfg.data.resample)
+                                    cfg.data.resample,
+                                    (d.bos_token_id, d.eos_token_id, d.pad_token_id))
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[example, grain.transforms.Batch(per_process, drop_remainder=True)],
@@ -116,7 +131,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
                      f"{jax.process_count()} processes")
   _, tokenizer_dir = prepare_tokenizer(cfg, workdir)
   mesh = sharding.make_mesh(cfg.mesh)
-  graphdef, abs_params, param_sh = abstract_model(cfg, mesh)
+  graphdef, abs_params, param_sh = params_lib.abstract_model(cfg, mesh)
   tx = optim.optimizer(cfg.train)
   schedule = optim.schedule(cfg.train)
   abs_opt = jax.eval_shape(tx.init, abs_params)
@@ -132,7 +147,14 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   data_iter = iter(loader)
   mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
   start = mngr.latest_step()
-  if start is None:
+  if start is None and cfg.train.init_from:
+    src, src_step = checkpoint.find(cfg.train.init_from)
+    params = params_lib.load_params(src, src_step, checkpoint.load_config(src, src_step), cfg,
+                                    mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    print(f"starting from the parameters of {src} (step {src_step})", flush=True)
+    start = 0
+  elif start is None:
     params, opt_state = jax.jit(init, out_shardings=(param_sh, opt_sh))()
     start = 0
   else:
@@ -147,7 +169,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
 
   step_sh = sharding.replicated(mesh)
   train_step = jax.jit(
-      make_train_step(graphdef, tx, schedule),
+      make_train_step(graphdef, tx, schedule, cfg.seed),
       in_shardings=(param_sh, opt_sh, step_sh, sharding.batch_sharding(mesh)),
       out_shardings=(param_sh, opt_sh, step_sh, step_sh),
       donate_argnums=(0, 1, 2))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from trainer.models.gpt2 import GPT2, GPT2Config, KV
+from trainer.models.gpt2 import GPT2, GPT2Config
 from trainer.models.layers import dense
 from trainer.models.vit import ViT, ViTConfig
 
@@ -26,9 +26,9 @@ class Captioner(nnx.Module):
 
   def __init__(self, encoder: ViTConfig, decoder: GPT2Config, image_mean: Sequence[float],
                image_std: Sequence[float], rngs: nnx.Rngs, dtype=jnp.float32,
-               remat: str = "none"):
-    self.encoder = ViT(encoder, rngs, dtype, remat)
-    self.decoder = GPT2(decoder, rngs, dtype, remat)
+               remat: str = "none", scan: bool = False):
+    self.encoder = ViT(encoder, rngs, dtype, remat, scan)
+    self.decoder = GPT2(decoder, rngs, dtype, remat, scan)
     # As in VisionEncoderDecoderModel: a projection only when the widths differ.
     self.enc_to_dec_proj = (
         dense(encoder.hidden_size, decoder.n_embd, (None, "embed"), rngs, dtype)
@@ -36,21 +36,25 @@ class Captioner(nnx.Module):
     self.image_mean = tuple(float(m) for m in image_mean)
     self.image_std = tuple(float(s) for s in image_std)
 
-  def encode(self, images: jax.Array) -> jax.Array:
+  def encode(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """uint8 [B, H, W, C] to encoder states in the decoder's width [B, P, D]."""
     mean = jnp.asarray(self.image_mean, jnp.float32)
     std = jnp.asarray(self.image_std, jnp.float32)
     x = (images.astype(jnp.float32) / 255.0 - mean) / std
-    h = self.encoder(x)
+    h = self.encoder(x, key)
     return self.enc_to_dec_proj(h) if self.enc_to_dec_proj is not None else h
 
-  def cross_kv(self, images: jax.Array) -> list[KV]:
-    return self.decoder.cross_kv(self.encode(images))
+  def cross_kv(self, images: jax.Array, key: jax.Array | None = None):
+    return self.decoder.cross_kv(self.encode(images, key))
 
-  def __call__(self, images: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """images [B, H, W, C] uint8, input_ids [B, G, L] -> logits [B, G, L, V]."""
+  def __call__(self, images: jax.Array, input_ids: jax.Array,
+               key: jax.Array | None = None) -> jax.Array:
+    """images [B, H, W, C] uint8, input_ids [B, G, L] -> logits [B, G, L, V].
+    `key`: dropout (training); none without it."""
     b, g, l = input_ids.shape
-    logits, _ = self.decoder(input_ids.reshape(b * g, l), self.cross_kv(images))
+    enc_key, dec_key = (None, None) if key is None else jax.random.split(key)
+    logits, _ = self.decoder(input_ids.reshape(b * g, l), self.cross_kv(images, enc_key),
+                             key=dec_key)
     return logits.reshape(b, g, l, -1)
 
 
@@ -60,4 +64,5 @@ def build_captioner(model_cfg: ConfigDict, seed: int = 0) -> Captioner:
       ViTConfig.from_dict(model_cfg.encoder.to_dict()),
       GPT2Config.from_dict(model_cfg.decoder.to_dict()),
       model_cfg.image_mean, model_cfg.image_std,
-      rngs=nnx.Rngs(seed), dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat)
+      rngs=nnx.Rngs(seed), dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat,
+      scan=model_cfg.scan_layers)

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.models.layers import (FromDict, Mlp, attend, dense, layer_norm, named, normal,
-                                   remat_layer, split_heads)
+from trainer.models.layers import (FromDict, Mlp, attend, dense, dropout, fold, heads_first,
+                                   layer_keys, layer_norm, layer_stack, named, normal,
+                                   over_layers, remat_layer, split_heads)
 
 KV = tuple[jax.Array, jax.Array]
 
@@ -35,6 +36,9 @@ class GPT2Config(FromDict):
   n_inner: int | None = None
   activation_function: str = "gelu_new"
   layer_norm_epsilon: float = 1e-5
+  resid_pdrop: float = 0.1
+  embd_pdrop: float = 0.1
+  attn_pdrop: float = 0.1
   bos_token_id: int = 50256
   eos_token_id: int = 50256
   pad_token_id: int | None = None
@@ -51,36 +55,42 @@ class _Attention(nnx.Module):
     self.key = dense(d, d, ("embed", "heads"), rngs, dtype)
     self.value = dense(d, d, ("embed", "heads"), rngs, dtype)
     self.out = dense(d, d, ("heads", "embed"), rngs, dtype, stddev=out_std)
+    self.attn_pdrop = cfg.attn_pdrop
+    self.resid_pdrop = cfg.resid_pdrop
+
+  def _attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask, key) -> jax.Array:
+    q = split_heads(self.query(x), self.num_heads)
+    h = attend(q, k, v, mask, self.attn_pdrop, fold(key, 0))
+    return dropout(self.out(h), self.resid_pdrop, fold(key, 1))
 
 
 class SelfAttention(_Attention):
 
-  def __call__(self, x: jax.Array, cache: KV | None, index: jax.Array | None
-               ) -> tuple[jax.Array, KV | None]:
-    q, k, v = (split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
+  def __call__(self, x: jax.Array, cache: KV | None, index: jax.Array | int,
+               key: jax.Array | None) -> tuple[jax.Array, KV | None]:
+    k, v = heads_first(self.key(x), self.num_heads), heads_first(self.value(x), self.num_heads)
     lq = x.shape[1]
     if cache is None:
       mask = jnp.tril(jnp.ones((lq, lq), bool))
     else:
       # Write this step's keys and values at `index`; attend to all up to it.
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 1)
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 2)
       cache = (k, v)
-      key_pos = jnp.arange(k.shape[1])
+      key_pos = jnp.arange(k.shape[2])
       query_pos = index + jnp.arange(lq)
       mask = key_pos[None, :] <= query_pos[:, None]
-    return self.out(attend(q, k, v, mask)), cache
+    return self._attend(x, k, v, mask, key), cache
 
 
 class CrossAttention(_Attention):
 
   def kv(self, encoder_hidden: jax.Array) -> KV:
-    return (split_heads(self.key(encoder_hidden), self.num_heads),
-            split_heads(self.value(encoder_hidden), self.num_heads))
+    return (heads_first(self.key(encoder_hidden), self.num_heads),
+            heads_first(self.value(encoder_hidden), self.num_heads))
 
-  def __call__(self, x: jax.Array, kv: KV) -> jax.Array:
-    q = split_heads(self.query(x), self.num_heads)
-    return self.out(attend(q, kv[0], kv[1], None))
+  def __call__(self, x: jax.Array, kv: KV, key: jax.Array | None) -> jax.Array:
+    return self._attend(x, kv[0], kv[1], None, key)
 
 
 class Block(nnx.Module):
@@ -93,13 +103,13 @@ class Block(nnx.Module):
     self.crossattention = CrossAttention(cfg, rngs, dtype)
     self.ln_2 = layer_norm(d, eps, rngs, dtype)
     self.mlp = Mlp(d, cfg.n_inner or 4 * d, cfg.activation_function, rngs, dtype,
-                   out_stddev=0.02 / math.sqrt(2 * cfg.n_layer))
+                   out_stddev=0.02 / math.sqrt(2 * cfg.n_layer), dropout_rate=cfg.resid_pdrop)
 
-  def __call__(self, x, cross_kv: KV, cache: KV | None, index):
-    h, cache = self.attn(self.ln_1(x), cache, index)
+  def __call__(self, x, cross_kv: KV, cache: KV | None, index, key=None):
+    h, cache = self.attn(self.ln_1(x), cache, index, fold(key, 0))
     x = x + h
-    x = x + self.crossattention(self.ln_cross_attn(x), cross_kv)
-    x = x + self.mlp(self.ln_2(x))
+    x = x + self.crossattention(self.ln_cross_attn(x), cross_kv, fold(key, 1))
+    x = x + self.mlp(self.ln_2(x), fold(key, 2))
     return x, cache
 
 
@@ -107,42 +117,59 @@ class GPT2(nnx.Module):
   """Token ids [N, L] and per-layer cross K/V to logits [N, L, vocab].
 
   The language-model head is tied to the token embedding, as in GPT-2.
+  Per-layer values (cross K/V, the cache) are lists with one entry a layer,
+  or with `scan` arrays with a leading layer axis.
   """
 
-  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none"):
+  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none",
+               scan: bool = False):
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
+    self.scan = scan
     self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, rngs=rngs,
                          embedding_init=named(normal(), "vocab", "embed"))
     self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, rngs=rngs,
                          embedding_init=named(normal(0.01), None, "embed"))
-    self.h = nnx.List([Block(cfg, rngs, dtype) for _ in range(cfg.n_layer)])
+    self.h = layer_stack(lambda r: Block(cfg, r, dtype), cfg.n_layer, rngs, scan)
     self.ln_f = layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, rngs, dtype)
 
-  def cross_kv(self, encoder_hidden: jax.Array) -> list[KV]:
+  def cross_kv(self, encoder_hidden: jax.Array):
     """Cross-attention keys and values of every layer, once per image."""
-    return [block.crossattention.kv(encoder_hidden) for block in self.h]
+    return over_layers(self.h, lambda block, h, _: (h, block.crossattention.kv(h)),
+                       encoder_hidden, layer_keys(None, self.cfg.n_layer, self.scan),
+                       self.scan)[1]
 
-  def init_cache(self, batch: int, max_length: int) -> list[KV]:
-    shape = (batch, max_length, self.cfg.n_head, self.cfg.n_embd // self.cfg.n_head)
-    return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.h]
+  def init_cache(self, batch: int, max_length: int):
+    shape = (batch, self.cfg.n_head, max_length, self.cfg.n_embd // self.cfg.n_head)
+    if self.scan:
+      shape = (self.cfg.n_layer,) + shape
+      return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+    return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            for _ in range(self.cfg.n_layer)]
 
-  def __call__(self, input_ids: jax.Array, cross_kv: list[KV],
-               cache: list[KV] | None = None, index: jax.Array | int = 0
-               ) -> tuple[jax.Array, list[KV] | None]:
+  def reorder_cache(self, cache, index: jax.Array):
+    """The cache's rows (sequences) picked by `index`, as beam search moves them."""
+    return jax.tree.map(lambda c: jnp.take(c, index, axis=1 if self.scan else 0), cache)
+
+  def __call__(self, input_ids: jax.Array, cross_kv, cache=None, index: jax.Array | int = 0,
+               key: jax.Array | None = None):
+    """Logits and the updated cache (None without one). `key`: dropout
+    (training); none without it."""
     positions = index + jnp.arange(input_ids.shape[1])
     x = self.wte(input_ids) + self.wpe(positions)[None]
+    x = dropout(x, self.cfg.embd_pdrop, fold(key, 0))
+    keys = layer_keys(fold(key, 1), self.cfg.n_layer, self.scan)
     if cache is None:  # training: no cache, layers rematerialised as configured
-      step = remat_layer(lambda block, h, kv: block(h, kv, None, 0)[0], self.remat)
-      for i, block in enumerate(self.h):
-        x = step(block, x, cross_kv[i])
+      step = remat_layer(lambda block, h, kv_key: (block(h, kv_key[0], None, 0, kv_key[1])[0],
+                                                   None), self.remat)
+      per_layer = (cross_kv, keys) if self.scan else list(zip(cross_kv, keys))
+      x, _ = over_layers(self.h, step, x, per_layer, self.scan)
       new_cache = None
     else:
-      new_cache = []
-      for i, block in enumerate(self.h):
-        x, c = block(x, cross_kv[i], cache[i], index)
-        new_cache.append(c)
+      per_layer = (cross_kv, cache) if self.scan else list(zip(cross_kv, cache))
+      x, new_cache = over_layers(
+          self.h, lambda block, h, kc: block(h, kc[0], kc[1], index), x, per_layer, self.scan)
     x = self.ln_f(x)
     logits = self.wte.attend(x).astype(jnp.float32)
     return logits, new_cache

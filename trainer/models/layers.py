@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,39 +74,104 @@ def layer_norm(features: int, eps: float, rngs: nnx.Rngs, dtype) -> nnx.LayerNor
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, L, H*d] to [B, L, H, d]."""
   return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def heads_first(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, L, H*d] to [B, H, L, d]: the layout of keys and values (and of the
+  KV cache), in which each head's scores are one contiguous matrix product.
+  With keys in [B, L, H, d] the CPU spends most of a decode step transposing."""
+  return split_heads(x, num_heads).transpose(0, 2, 1, 3)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+           dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
   """Scaled dot-product attention, softmax in float32.
 
-  q: [N, Lq, H, d]; k, v: [B, Lk, H, d] with N a multiple of B: each group of
+  q: [N, Lq, H, d]; k, v: [B, H, Lk, d] with N a multiple of B: each group of
   N/B consecutive queries attends to one key set, so cross-attention keys are
   computed once per image and shared by its captions (or beams).
-  mask: broadcastable to [N, H, Lq, Lk], True where attention is allowed.
-  Returns [N, Lq, H*d].
+  mask: [Lq, Lk], True where attention is allowed. Dropout on the attention
+  probabilities when `key` is given. Returns [N, Lq, H*d].
   """
   n, lq, h, d = q.shape
-  b = k.shape[0]
-  qg = q.reshape(b, n // b, lq, h, d)
-  scores = jnp.einsum("bgqhd,bkhd->bghqk", qg, k).astype(jnp.float32)
-  scores = scores.reshape(n, h, lq, k.shape[1]) / math.sqrt(d)
+  b, lk = k.shape[0], k.shape[2]
+  g = n // b
+  qg = q.reshape(b, g, lq, h, d).transpose(0, 3, 1, 2, 4).reshape(b, h, g * lq, d)
+  scores = jnp.einsum("bhqd,bhkd->bhqk", qg, k).astype(jnp.float32) / math.sqrt(d)
   if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  probs = probs.reshape(b, n // b, h, lq, k.shape[1])
-  out = jnp.einsum("bghqk,bkhd->bgqhd", probs, v)
-  return out.reshape(n, lq, h * d)
+    scores = jnp.where(jnp.tile(mask, (g, 1)), scores, jnp.finfo(jnp.float32).min)
+  probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, key).astype(v.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+  return out.reshape(b, h, g, lq, d).transpose(0, 2, 3, 1, 4).reshape(n, lq, h * d)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity without a key (evaluation) or at rate 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def layer_keys(key: jax.Array | None, n: int, scan: bool):
+  """Per-layer dropout keys, in the form `over_layers` takes."""
+  if key is None:
+    return None if scan else [None] * n
+  keys = jax.random.split(key, n)
+  return keys if scan else list(keys)
+
+
+def layer_stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,
+                scan: bool) -> nnx.Module:
+  """`n` layers: a list, or (scan) one module whose parameters carry a leading
+  `layers` axis, so that the stack compiles once whatever its depth."""
+  if not scan:
+    return nnx.List([make(rngs) for _ in range(n)])
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(rngs):
+    return make(rngs)
+
+  return build(rngs)
+
+
+def over_layers(layers: nnx.Module, fn: Callable, carry: Any, per_layer: Any, scan: bool):
+  """`carry, out = fn(layer, carry, inputs)` through the stack.
+
+  `per_layer` holds each layer's inputs: a list (one entry a layer), or with
+  scan a pytree with a leading layer axis. Returns the last carry and the
+  outputs in the same form.
+  """
+  if scan:
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def body(layer, carry, inputs):
+      return fn(layer, carry, inputs)
+
+    return body(layers, carry, per_layer)
+  outs = []
+  for layer, inputs in zip(layers, per_layer):
+    carry, out = fn(layer, carry, inputs)
+    outs.append(out)
+  return carry, outs
+
+
+def fold(key: jax.Array | None, site: int) -> jax.Array | None:
+  """A key of its own for one dropout site of a layer."""
+  return None if key is None else jax.random.fold_in(key, site)
 
 
 class Mlp(nnx.Module):
-  """Two dense layers with an activation between them."""
+  """Two dense layers with an activation between them, dropout after."""
 
   def __init__(self, dim: int, hidden: int, activation: str, rngs: nnx.Rngs, dtype,
-               out_stddev: float = 0.02):
+               out_stddev: float = 0.02, dropout_rate: float = 0.0):
     self.fc = dense(dim, hidden, ("embed", "mlp"), rngs, dtype)
     self.proj = dense(hidden, dim, ("mlp", "embed"), rngs, dtype, stddev=out_stddev)
     self.activation = activation
+    self.dropout_rate = dropout_rate
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.proj(ACTIVATIONS[self.activation](self.fc(x)))
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    return dropout(self.proj(ACTIVATIONS[self.activation](self.fc(x))), self.dropout_rate, key)

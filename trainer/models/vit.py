@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.models.layers import (FromDict, Mlp, attend, dense, layer_norm, named, remat_layer,
-                                   split_heads)
+from trainer.models.layers import (FromDict, Mlp, attend, dense, dropout, fold, heads_first,
+                                   layer_keys, layer_norm, layer_stack, named, over_layers,
+                                   remat_layer, split_heads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,8 @@ class ViTConfig(FromDict):
   patch_size: int = 16
   num_channels: int = 3
   qkv_bias: bool = True
+  hidden_dropout_prob: float = 0.0
+  attention_probs_dropout_prob: float = 0.0
 
 
 class ViTAttention(nnx.Module):
@@ -40,10 +43,14 @@ class ViTAttention(nnx.Module):
     self.key = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
     self.value = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
     self.out = dense(d, d, ("heads", "embed"), rngs, dtype)
+    self.probs_dropout = cfg.attention_probs_dropout_prob
+    self.out_dropout = cfg.hidden_dropout_prob
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    q, k, v = (split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
-    return self.out(attend(q, k, v, None))
+  def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    q = split_heads(self.query(x), self.num_heads)
+    k, v = heads_first(self.key(x), self.num_heads), heads_first(self.value(x), self.num_heads)
+    h = attend(q, k, v, None, self.probs_dropout, fold(key, 0))
+    return dropout(self.out(h), self.out_dropout, fold(key, 1))
 
 
 class ViTLayer(nnx.Module):
@@ -52,21 +59,24 @@ class ViTLayer(nnx.Module):
     self.layernorm_before = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, dtype)
     self.attention = ViTAttention(cfg, rngs, dtype)
     self.layernorm_after = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs, dtype)
-    self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs, dtype)
+    self.mlp = Mlp(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs, dtype,
+                   dropout_rate=cfg.hidden_dropout_prob)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attention(self.layernorm_before(x))
-    return x + self.mlp(self.layernorm_after(x))
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    x = x + self.attention(self.layernorm_before(x), fold(key, 0))
+    return x + self.mlp(self.layernorm_after(x), fold(key, 1))
 
 
 class ViT(nnx.Module):
   """Pixels [B, H, W, C] (already normalised) to hidden states [B, 1 + N, D]."""
 
-  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none"):
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none",
+               scan: bool = False):
     d, p = cfg.hidden_size, cfg.patch_size
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
+    self.scan = scan
     self.patch_embed = nnx.Conv(
         cfg.num_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
         dtype=dtype, rngs=rngs,
@@ -77,16 +87,19 @@ class ViT(nnx.Module):
     self.cls_token = nnx.Param(named(init, None, None, "embed")(rngs.params(), (1, 1, d)))
     self.position_embeddings = nnx.Param(
         named(init, None, None, "embed")(rngs.params(), (1, num_patches + 1, d)))
-    self.layers = nnx.List([ViTLayer(cfg, rngs, dtype) for _ in range(cfg.num_hidden_layers)])
+    self.layers = layer_stack(lambda r: ViTLayer(cfg, r, dtype), cfg.num_hidden_layers, rngs,
+                              scan)
     self.layernorm = layer_norm(d, cfg.layer_norm_eps, rngs, dtype)
 
-  def __call__(self, pixels: jax.Array) -> jax.Array:
+  def __call__(self, pixels: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """`key`: dropout (training); none without it."""
     x = self.patch_embed(pixels.astype(self.dtype))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
     x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings[...].astype(x.dtype)
-    step = remat_layer(lambda layer, h: layer(h), self.remat)
-    for layer in self.layers:
-      x = step(layer, x)
+    x = dropout(x, self.cfg.hidden_dropout_prob, fold(key, 0))
+    step = remat_layer(lambda layer, x, k: (layer(x, k), None), self.remat)
+    keys = layer_keys(fold(key, 1), self.cfg.num_hidden_layers, self.scan)
+    x, _ = over_layers(self.layers, step, x, keys, self.scan)
     return self.layernorm(x)
