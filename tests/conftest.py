@@ -10,11 +10,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "tiny_config.py")
 
 
-def run_capjax(*args, check=True, env=None, timeout=600):
-  """Runs the real `capjax` command in a subprocess; returns the CompletedProcess."""
+def run_capjax(*args, check=True, env=None, timeout=600, clean_env=None):
+  """Runs the real `capjax` command in a subprocess; returns the CompletedProcess.
+  `env` adds to the environment (`clean_env`, or this process's)."""
   proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})})
+                        env={**(os.environ if clean_env is None else clean_env), **(env or {})})
   if check and proc.returncode != 0:
     raise AssertionError(f"capjax {' '.join(args)} exited {proc.returncode}:\n"
                          f"{proc.stdout}\n{proc.stderr}")

@@ -175,6 +175,26 @@ def test_round_trips(tmp_path):
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
+  # Pushing: no token, nothing done; a failed upload (no Hub here) is one line,
+  # keeps the folder, and the token shows up nowhere.
+  env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+  proc = run_capjax("export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "pushed"),
+                    "--push-to-hub", "someone/captioner", check=False, env={}, clean_env=env)
+  assert proc.returncode != 0 and "HF_TOKEN" in proc.stderr
+  assert not (tmp_path / "pushed").exists()
+  secret = "hf_secret_value_123"
+  proc = run_capjax("export-hf", str(tmp_path / "run"), "--out", str(tmp_path / "pushed"),
+                    "--push-to-hub", "someone/captioner", check=False,
+                    env={"HF_TOKEN": secret, "HF_ENDPOINT": "http://127.0.0.1:9",
+                         "HF_HUB_DISABLE_TELEMETRY": "1"})
+  assert proc.returncode != 0 and "upload failed" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert secret not in proc.stdout + proc.stderr
+  assert (tmp_path / "pushed" / "model.safetensors").is_file()
+  for root, _, files in os.walk(tmp_path / "pushed"):
+    for f in files:
+      assert secret.encode() not in open(os.path.join(root, f), "rb").read(), f
+
   # The exported model decodes as the capjax one does.
   model = nnx.merge(graphdef, params)
   ours = np.asarray(generate.greedy(model, jnp.asarray(images), 8, back.config.decoder_start_token_id,

@@ -98,9 +98,9 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert abs(float(loss16) - float(loss32)) < 0.05 * abs(float(loss32))
 
 
-def _twins(dropout=0.0):
+def _twins(dropout=0.0, remat="none"):
   """The same weights in both layer layouts: a list of layers, and stacked
-  layers run by a scan."""
+  layers run by a scan (rematerialised as asked)."""
   from trainer.params import to_layout
 
   enc = ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
@@ -109,7 +109,7 @@ def _twins(dropout=0.0):
   dec = GPT2Config(vocab_size=50, n_positions=16, n_embd=48, n_layer=2, n_head=4,
                    resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
   listed = Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(0))
-  scanned = Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(1), scan=True)
+  scanned = Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(1), scan=True, remat=remat)
   state = nnx.state(scanned, nnx.Param)
   nnx.replace_by_pure_dict(state, to_layout(nnx.to_pure_dict(nnx.state(listed, nnx.Param)), True))
   nnx.update(scanned, state)
@@ -126,10 +126,11 @@ def _loss_and_grads(model, images, ids, key=None):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_scanned_layers_compute_the_same():
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_scanned_layers_compute_the_same(remat):
   from trainer.params import to_layout
 
-  listed, scanned = _twins()
+  listed, scanned = _twins(remat=remat)
   specs = nnx.get_partition_spec(nnx.state(scanned))
   assert tuple(specs["decoder"]["h"]["attn"]["query"]["kernel"]) == ("layers", "embed", "heads")
   rng = np.random.default_rng(0)

@@ -30,6 +30,21 @@ SCRIPT = textwrap.dedent("""
           "spec": [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec],
           "shape": list(x.shape), "shard": list(x.addressable_shards[0].data.shape),
           "devices": len(x.sharding.device_set)}
+    # Generation sharded over the batch axes gives what one device gives.
+    import numpy as np
+    from trainer import generate
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+    host = jax.device_get(params)
+    same = []
+    for beams in (1, 3):
+      cfg.eval.num_beams = beams
+      sharded = generate.make_generate_fn(graphdef, cfg.eval, 0, 1, 1, shardings,
+                                          sharding.batch_sharding(mesh))
+      one = generate.make_generate_fn(graphdef, cfg.eval, 0, 1, 1)
+      a = sharded(params, jax.device_put(images, sharding.batch_sharding(mesh)))
+      assert len(a.sharding.device_set) == 8
+      same.append(bool((np.asarray(a) == np.asarray(one(host, images))).all()))
+    out["generate_equal"] = same
     print(json.dumps(out))
 """)
 
@@ -44,6 +59,7 @@ def test_parameters_follow_the_rule_table(scan):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   params = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert params.pop("generate_equal") == [True, True]  # greedy, beams
 
   def find(*words):
     hits = [v for k, v in params.items() if all(w in k for w in words)]

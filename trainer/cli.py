@@ -230,6 +230,8 @@ def _export_hf(args, overrides) -> int:
 
   if overrides:
     raise ValueError("export-hf takes no --config overrides")
+  if args.push_to_hub:
+    hf_export.hub_token()  # before the export: a missing token costs nothing
   out = hf_export.export_hf(args.checkpoint, args.out)
   print(f"wrote {out}")
   if args.push_to_hub:
@@ -254,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": _train, "eval": _eval, "predict": _predict,
                 "import-hf": _import_hf, "export-hf": _export_hf}
     return commands[args.command](args, overrides)
-  except (FileNotFoundError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError) as e:
     msg = e.args[0] if e.args else str(e)
     print(f"capjax {args.command}: error: {msg}", file=sys.stderr)
     return 1

@@ -60,14 +60,25 @@ def export_hf(checkpoint_path: str, out_dir: str) -> str:
   return os.path.abspath(out_dir)
 
 
-def push_to_hub(folder: str, repo_id: str) -> str:
-  """Uploads `folder` to the Hub; the token comes from the environment only."""
-  from huggingface_hub import HfApi
-
+def hub_token() -> str:
+  """The Hub token, from the environment only (never a flag: flags reach logs)."""
   token = os.environ.get("HF_TOKEN")
   if not token:
     raise ValueError("--push-to-hub needs the HF_TOKEN environment variable")
-  api = HfApi(token=token)
-  api.create_repo(repo_id, exist_ok=True)
-  info = api.upload_folder(folder_path=folder, repo_id=repo_id)
-  return str(info)
+  return token
+
+
+def push_to_hub(folder: str, repo_id: str) -> str:
+  """Uploads `folder` to the Hub repository `repo_id`; a failure is one line
+  that leaves the folder in place and never shows the token."""
+  from huggingface_hub import HfApi
+
+  token = hub_token()
+  try:
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True)
+    return str(api.upload_folder(folder_path=folder, repo_id=repo_id))
+  except Exception as e:
+    reason = (str(e).strip().splitlines() or [""])[0].replace(token, "***")[:200]
+    raise OSError(f"--push-to-hub {repo_id}: upload failed, {folder} kept "
+                       f"({type(e).__name__}: {reason})") from None
