@@ -15,6 +15,7 @@ setup(
         "grain>=0.2.18,<0.3",
         "array-record>=0.8,<0.9",
         "tensorflow-datasets>=4.9.10,<5",
+        "importlib-resources>=6,<8",  # TFDS needs it to build datasets (tfds build)
         "transformers>=5.0,<6",
         "tokenizers>=0.22,<1",
         "evaluate>=0.4.6,<0.5",

@@ -13,11 +13,22 @@ def get_config() -> ConfigDict:
   c.seed = 0
 
   c.data = ConfigDict()
-  c.data.train = "data/demo/prepared/train"  # folders written by `capjax prepare`
+  # Folders written by `capjax prepare`, or any source it reads (tfds:NAME,
+  # hf:FOLDER, a COCO/Karpathy JSON, a table); splits and options below.
+  c.data.train = "data/demo/prepared/train"
   c.data.eval = "data/demo/prepared/val"
+  c.data.train_split = "train"  # for sources with splits (tfds, hf, Karpathy)
+  c.data.eval_split = "val"
+  c.data.source = ConfigDict(dict(
+      images="",  # COCO/Karpathy image root
+      data_dir="",  # TFDS data directory
+      image_key="image", captions_key="captions/text", id_key="image/id",  # TFDS features
+      image_column="image", caption_column="caption"))  # tables, hf
   c.data.image_size = 64
   c.data.resize = "crop"  # shorter side + centre crop, or "squash"
   c.data.resample = "auto"  # area to shrink, bicubic to enlarge; or bilinear, ...
+  c.data.crop_scale = 0.0  # >0: random resized crops of this much to all of the area (training)
+  c.data.bad_records = "skip"  # unusable records: "skip" (counted in the metrics) or "fail"
   c.data.max_length = 24  # decoder tokens, BOS/EOS included
   # Captions decoded per image per step, drawn afresh from its five each time:
   # the encoder runs once for all of them. Two, with 64 images a step, buys

@@ -1,136 +1,153 @@
-"""`capjax prepare`: caption sources into ArrayRecord shards.
+"""`capjax prepare`: any caption source into ArrayRecord shards.
 
-Sources: COCO caption annotation JSON (with its image folder), and CSV, JSON
-(a list of objects) or JSONL tables whose image and caption column names are
-flags, image paths relative to the table. Captions of the same image are
-grouped into one record. Images are read and checked in parallel worker
-processes; unreadable ones are skipped, counted and reported by reason. The
-output is written to a temporary folder and renamed when complete.
+`open_source` turns a source name into a Grain source (see sources.py): a
+prepared folder, `tfds:NAME`, `hf:FOLDER`, a COCO caption JSON, the Karpathy
+split JSON, or a CSV/JSON/JSONL table. Every image is decoded once, in
+parallel worker processes, so damaged files are found here rather than in
+the middle of a run; those are skipped, counted and reported by reason.
+Optionally images are shrunk (shorter side N, re-encoded as JPEG) so that
+long runs stop paying full-size decoding every epoch. The output is written
+to a temporary folder and renamed when complete.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import json
 import multiprocessing
 import os
-from typing import Iterable
+from typing import Any
 
-from PIL import Image
+import cv2
+import simplejpeg
 
-from pipeline import atomic, records
-
-Item = tuple[str, str, list[str]]  # (record id, image path, captions)
-
-
-class SourceError(ValueError):
-  """Bad input, with a message that names the file and the record."""
+from pipeline import atomic, records, sources, transforms
+from pipeline.sources import SourceError  # noqa: F401  (part of this module's surface)
 
 
-def coco_items(annotation_file: str, image_dir: str) -> list[Item]:
-  with open(annotation_file) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise SourceError(f"{annotation_file}: not valid JSON ({e})") from None
-  if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-    raise SourceError(f"{annotation_file}: not a COCO caption file "
-                      "(needs 'images' and 'annotations')")
-  captions = collections.defaultdict(list)
-  for i, ann in enumerate(data["annotations"]):
-    try:
-      captions[ann["image_id"]].append(str(ann["caption"]).strip())
-    except KeyError as e:
-      raise SourceError(f"{annotation_file}: annotation {i} has no {e}") from None
-  items = []
-  for image in data["images"]:
-    path = os.path.join(image_dir, image["file_name"])
-    items.append((str(image["id"]), path, captions.get(image["id"], [])))
-  return items
+def _kind(path: str) -> str:
+  """coco, karpathy or table, from the file's name and first bytes."""
+  if not path.endswith(".json"):
+    return "table"
+  with open(path) as f:
+    head = f.read(1 << 16)
+  if not head.lstrip().startswith("{"):
+    return "table"
+  return "karpathy" if '"sentences"' in head else "coco"
 
 
-def _rows(path: str) -> Iterable[dict]:
-  if path.endswith(".csv"):
-    with open(path, newline="") as f:
-      yield from csv.DictReader(f)
-  elif path.endswith(".jsonl"):
-    with open(path) as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            yield json.loads(line)
-          except json.JSONDecodeError as e:
-            raise SourceError(f"{path}:{n}: not valid JSON ({e})") from None
-  else:
-    with open(path) as f:
-      rows = json.load(f)
-    if not isinstance(rows, list):
-      raise SourceError(f"{path}: expected a JSON list of objects")
-    yield from rows
+def open_source(spec: str, images: str | None = None, split: str | None = None,
+                image_column: str = "image", caption_column: str = "caption",
+                data_dir: str | None = None, image_key: str = "image",
+                captions_key: str = "captions/text", id_key: str = "image/id"):
+  """A Grain source for `spec`:
+
+  - a folder written by `capjax prepare`;
+  - `tfds:NAME` (`split`, default train; `data_dir`; the feature keys);
+  - `hf:FOLDER`, a `datasets` Dataset saved to disk (`split`; the columns);
+  - a COCO caption JSON (`images`: its image folder, default the JSON's);
+  - the Karpathy `dataset_coco.json` (`images`: the COCO root holding
+    train2014/ and val2014/; `split`: e.g. "train+restval", default train);
+  - a CSV, JSON or JSONL table (the columns; paths relative to the table).
+  """
+  if spec.startswith("tfds:"):
+    return sources.TfdsSource(spec[5:], split or "train", data_dir or None, image_key,
+                              captions_key, id_key)
+  if spec.startswith("hf:"):
+    return sources.HFDatasetSource(spec[3:], split, image_column, caption_column)
+  if os.path.isdir(spec):
+    return records.PreparedSource(spec)
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(f"{spec}: no such file or directory")
+  if not spec.endswith((".json", ".jsonl", ".csv")):
+    raise SourceError(f"{spec}: expected a prepared folder, tfds:NAME, hf:FOLDER, or a "
+                      ".json, .jsonl or .csv file")
+  kind = _kind(spec)
+  if kind == "table":
+    return sources.table(spec, image_column, caption_column)
+  root = images or os.path.dirname(os.path.abspath(spec))
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"--images {root}: no such directory")
+  if kind == "karpathy":
+    return sources.karpathy(spec, root, (split or "train").split("+"))
+  return sources.coco(spec, root)
 
 
-def table_items(path: str, image_column: str, caption_column: str) -> list[Item]:
-  """Rows of a CSV/JSON/JSONL table; a caption cell may hold one caption or a list."""
-  base = os.path.dirname(os.path.abspath(path))
-  captions: dict[str, list[str]] = collections.defaultdict(list)
-  for n, row in enumerate(_rows(path), 1):
-    for column in (image_column, caption_column):
-      if column not in row:
-        raise SourceError(f"{path}: record {n} has no column {column!r} "
-                          f"(it has {sorted(row)})")
-    value = row[caption_column]
-    caps = value if isinstance(value, list) else [value]
-    captions[row[image_column]].extend(str(c).strip() for c in caps)
-  return [(image, os.path.join(base, image), caps) for image, caps in captions.items()]
+def open_split(data_cfg, which: str):
+  """The config's `data.train` or `data.eval` source, with `data.source`'s
+  options and the split `data.train_split` / `data.eval_split`."""
+  o = data_cfg.source
+  return open_source(data_cfg[which], o.images or None, data_cfg[f"{which}_split"],
+                     o.image_column, o.caption_column, o.data_dir or None, o.image_key,
+                     o.captions_key, o.id_key)
 
 
-def _load(item: Item) -> tuple[bytes | None, str | None]:
-  """The image's bytes, or the reason it is skipped."""
-  record_id, path, caps = item
-  if not caps:
-    return None, "no captions"
+def ids_and_captions(source) -> list[tuple[str, list[str]]]:
+  """Every record's id and captions, without reading images where the source can."""
+  if isinstance(source, sources.FileSource):
+    return [(record_id, caps) for record_id, _, caps in source.items]
+  return [(r["id"], r["captions"]) for r in (source[i] for i in range(len(source)))]
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init(source, resize_shorter: int, quality: int) -> None:
+  _worker.update(source=source, resize_shorter=resize_shorter, quality=quality)
+
+
+def _load(index: int) -> tuple[bytes | None, str | None, int, str]:
+  """(the encoded record or None, the reason it is skipped, captions, where)."""
+  rec = _worker["source"][index]
+  where = rec.get("path") or f"record {rec['id']}"
+  if rec.get("error"):
+    return None, rec["error"], 0, where
+  if not rec["captions"]:
+    return None, "no captions", 0, where
   try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    return None, f"unreadable file ({e.strerror})"
-  if not data:
-    return None, "empty file"
-  try:
-    with Image.open(path) as img:
-      img.verify()
-  except Image.DecompressionBombError:
-    return None, "image larger than the decompression-bomb limit"
-  except Exception:  # Pillow raises many types for damaged files.
-    return None, "not a readable image"
-  return records.encode_record(record_id, data, caps), None
+    img = transforms.decode_image(rec["image"])  # all of it: truncation shows only here
+  except transforms.BadImage as e:
+    return None, str(e), 0, where
+  data = rec["image"]
+  n = _worker["resize_shorter"]
+  if n and min(img.shape[:2]) > n:  # upright (EXIF applied) and smaller, as a JPEG
+    h, w = img.shape[:2]
+    scale = n / min(h, w)
+    img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
+                     interpolation=cv2.INTER_AREA)
+    data = simplejpeg.encode_jpeg(img, quality=_worker["quality"], colorspace="RGB")
+  return records.encode_record(rec["id"], data, rec["captions"]), None, len(rec["captions"]), where
 
 
-def prepare(items: list[Item], out_dir: str, num_shards: int = 8,
-            workers: int | None = None, source: str = "") -> dict:
-  """Writes `items` as shards under `out_dir`; returns the summary (also saved)."""
+def prepare(source, out_dir: str, num_shards: int = 8, workers: int | None = None,
+            resize_shorter: int = 0, jpeg_quality: int = 90) -> dict:
+  """Writes `source`'s records as shards under `out_dir`; returns the summary
+  (also saved as the manifest)."""
+  if not 1 <= jpeg_quality <= 100:
+    raise ValueError(f"--jpeg-quality {jpeg_quality}: not in 1..100")
   with atomic.folder(out_dir) as tmp:
     kept, skipped = [], collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)
-    with multiprocessing.get_context("forkserver").Pool(workers or os.cpu_count()) as pool:
-      for item, (data, reason) in zip(items, pool.imap(_load, items, chunksize=32)):
+    ctx = multiprocessing.get_context("forkserver")
+    with ctx.Pool(workers or os.cpu_count(), initializer=_init,
+                  initargs=(source, resize_shorter, jpeg_quality)) as pool:
+      for data, reason, n, where in pool.imap(_load, range(len(source)), chunksize=32):
         if data is None:
           skipped[reason] += 1
           if len(examples[reason]) < 3:
-            examples[reason].append(item[1])
+            examples[reason].append(where)
         else:
-          kept.append((data, len(item[2])))
+          kept.append((data, n))
     num_shards = max(1, min(num_shards, len(kept)))
-    # Contiguous shards keep the source's order: record k is item k kept.
+    # Contiguous shards keep the source's order: record k is the k-th kept.
     bounds = [len(kept) * s // num_shards for s in range(num_shards + 1)]
     for s in range(num_shards):
       records.write_shard(records.shard_path(tmp, s, num_shards),
                           [d for d, _ in kept[bounds[s]:bounds[s + 1]]])
     summary = {
-        "source": source, "records": len(kept), "captions": sum(n for _, n in kept),
-        "shards": num_shards, "skipped": dict(skipped),
-        "skipped_examples": dict(examples),
+        "source": repr(source), "records": len(kept), "captions": sum(n for _, n in kept),
+        "shards": num_shards, "skipped": dict(skipped), "skipped_examples": dict(examples),
+        "resize_shorter": resize_shorter,
     }
     with open(os.path.join(tmp, records.MANIFEST), "w") as f:
       json.dump(summary, f, indent=1)

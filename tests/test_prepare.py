@@ -64,7 +64,7 @@ def test_bad_table_names_the_column(tmp_path):
   path = tmp_path / "t.jsonl"
   path.write_text(json.dumps({"image": "x.jpg"}) + "\n")
   with pytest.raises(prepare.SourceError, match=r"t.jsonl: record 1 has no column 'caption'"):
-    prepare.table_items(str(path), "image", "caption")
+    prepare.open_source(str(path))
   proc = run_capjax("prepare", str(path), "--out", str(tmp_path / "o"), check=False)
   assert proc.returncode != 0
   assert proc.stderr.strip().count("\n") == 0 and "no column 'caption'" in proc.stderr

@@ -46,17 +46,31 @@ def _parser() -> argparse.ArgumentParser:
               "models (ViT + GPT-2) in JAX, from one CPU to multi-host pods.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-  s = sub.add_parser("prepare", help="caption data (COCO, CSV, JSON, JSONL) to ArrayRecord shards",
+  s = sub.add_parser("prepare", help="caption data (COCO, Karpathy, tables, TFDS, HF datasets) "
+                     "to ArrayRecord shards",
                      description="Reads images and captions and writes ArrayRecord shards "
-                     "with a manifest. Unreadable images are skipped and reported.")
-  s.add_argument("source", help="COCO caption annotation JSON, or a CSV/JSON/JSONL table")
+                     "with a manifest. Every image is decoded once; unusable ones are skipped "
+                     "and reported by reason.")
+  s.add_argument("source", help="COCO caption JSON, Karpathy dataset_coco.json, CSV/JSON/JSONL "
+                 "table, tfds:NAME, hf:FOLDER (a saved datasets Dataset), or a prepared folder")
   s.add_argument("--out", required=True, help="output folder (replaced when complete)")
-  s.add_argument("--images", help="image folder of a COCO annotation file "
-                 "(default: the annotation file's folder)")
-  s.add_argument("--image-column", default="image", help="table column with image paths, "
-                 "relative to the table (default: image)")
-  s.add_argument("--caption-column", default="caption", help="table column with a caption "
-                 "or a list of captions (default: caption)")
+  s.add_argument("--images", help="image folder of a COCO file, or the COCO root of a Karpathy "
+                 "file (default: the JSON's folder)")
+  s.add_argument("--split", help="Karpathy: train, restval, val or test, joined with + "
+                 "(default: train); tfds:/hf: the split (default: train / none)")
+  s.add_argument("--image-column", default="image", help="table or hf: column with images "
+                 "(paths relative to the table; default: image)")
+  s.add_argument("--caption-column", default="caption", help="table or hf: column with a "
+                 "caption or a list of captions (default: caption)")
+  s.add_argument("--data-dir", help="tfds: the TFDS data directory")
+  s.add_argument("--image-key", default="image", help="tfds: image feature (default: image)")
+  s.add_argument("--captions-key", default="captions/text", help="tfds: captions feature, "
+                 "nested with / (default: captions/text)")
+  s.add_argument("--id-key", default="image/id", help="tfds: id feature (default: image/id)")
+  s.add_argument("--resize-shorter", type=int, default=0, metavar="N", help="shrink images "
+                 "whose shorter side exceeds N pixels to N, stored as JPEG (default: keep)")
+  s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of shrunk images "
+                 "(default: 90)")
   s.add_argument("--num-shards", type=int, default=8, help="ArrayRecord shards (default: 8)")
   s.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
 
@@ -66,18 +80,18 @@ def _parser() -> argparse.ArgumentParser:
                      "--config.KEY=VALUE.")
   s.add_argument("--config", required=True, help="config file, or a name from configs/")
   s.add_argument("--workdir", required=True, help="run directory")
-  g = s.add_argument_group("multi-process runs (see launch/)")
-  g.add_argument("--coordinator", help="HOST:PORT of process 0, for jax.distributed")
-  g.add_argument("--num-processes", type=int, help="processes in the run")
-  g.add_argument("--process-id", type=int, help="this process's index")
+  _distributed_flags(s)
 
-  s = sub.add_parser("eval", help="caption a prepared split and score BLEU, ROUGE-L, CIDEr-D",
-                     description="Writes eval_predictions.jsonl and eval_metrics.json. "
-                     "Override the checkpoint's config with --config.KEY=VALUE.")
+  s = sub.add_parser("eval", help="caption a split and score BLEU, ROUGE-L, CIDEr-D",
+                     description="Captions every record once (over all processes) and "
+                     "writes eval_predictions.jsonl and eval_metrics.json. Override the "
+                     "checkpoint's config with --config.KEY=VALUE.")
   s.add_argument("--checkpoint", required=True,
                  help=CHECKPOINT_HELP)
-  s.add_argument("--split", help="prepared folder to evaluate (default: the config's data.eval)")
+  s.add_argument("--split", help="source to evaluate, as `prepare` takes it (default: the "
+                 "config's data.eval, with data.eval_split)")
   s.add_argument("--out", help="folder for the outputs (default: the run directory)")
+  _distributed_flags(s)
 
   s = sub.add_parser("predict", help="caption image files, to JSONL",
                      description="Writes one JSON object per image: image, caption, token_ids.")
@@ -122,38 +136,35 @@ def _parser() -> argparse.ArgumentParser:
 def _prepare(args) -> int:
   from pipeline import prepare
 
-  if not os.path.isfile(args.source):
-    raise FileNotFoundError(f"{args.source}: no such file")
-  if args.source.endswith((".csv", ".jsonl")) or (
-      args.source.endswith(".json") and not _is_coco(args.source)):
-    items = prepare.table_items(args.source, args.image_column, args.caption_column)
-  elif args.source.endswith(".json"):
-    images = args.images or os.path.dirname(os.path.abspath(args.source))
-    if not os.path.isdir(images):
-      raise FileNotFoundError(f"--images {images}: no such directory")
-    items = prepare.coco_items(args.source, images)
-  else:
-    raise ValueError(f"{args.source}: expected a .json, .jsonl or .csv file")
-  summary = prepare.prepare(items, args.out, args.num_shards, args.workers, args.source)
+  source = prepare.open_source(
+      args.source, args.images, args.split, args.image_column, args.caption_column,
+      args.data_dir, args.image_key, args.captions_key, args.id_key)
+  summary = prepare.prepare(source, args.out, args.num_shards, args.workers,
+                            args.resize_shorter, args.jpeg_quality)
   print(json.dumps(summary))
   return 0
 
 
-def _is_coco(path: str) -> bool:
-  with open(path) as f:
-    head = f.read(4096).lstrip()
-  return head.startswith("{")
+def _distributed_flags(s) -> None:
+  g = s.add_argument_group("multi-process runs (see launch/)")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0, for jax.distributed")
+  g.add_argument("--num-processes", type=int, help="processes in the run")
+  g.add_argument("--process-id", type=int, help="this process's index")
 
 
-def _train(args, overrides) -> int:
-  from trainer import config, train
-
+def _init_distributed(args) -> None:
   given = [a is not None for a in (args.coordinator, args.num_processes, args.process_id)]
   if any(given):
     if not all(given):
       raise ValueError("--coordinator, --num-processes and --process-id go together")
     import jax
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def _train(args, overrides) -> int:
+  from trainer import config, train
+
+  _init_distributed(args)
   cfg = train.inherit_from_checkpoint(config.load(args.config, overrides), overrides)
   train.train(cfg, args.workdir)
   return 0
@@ -162,7 +173,10 @@ def _train(args, overrides) -> int:
 def _eval(args, overrides) -> int:
   from trainer import evaluate
 
+  _init_distributed(args)
   m = evaluate.evaluate(args.checkpoint, args.split, args.out, overrides)
+  if m is None:  # not process 0: it wrote and prints
+    return 0
   for s in m.pop("samples"):
     print(f"image {s['id']}\n  predicted: {s['caption']}")
     for r in s["references"][:2]:
@@ -197,7 +211,7 @@ def _predict(args, overrides) -> int:
       blobs = []
       for path in chunk:
         with open(path, "rb") as f:
-          blobs.append(f.read())
+          blobs.append((path, f.read()))
       yield blobs
 
   lines = []

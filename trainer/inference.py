@@ -1,7 +1,9 @@
 """A trained captioner, restored from a checkpoint, ready to caption images.
 
 Shared by `eval` and `predict`: it restores the parameters sharded on the
-mesh and runs generation on padded batches sharded over the batch axes.
+mesh (every process of a multi-process run holds its part) and runs
+generation on fixed-size batches sharded over the mesh's batch axes, each
+process feeding its own rows.
 """
 
 from __future__ import annotations
@@ -34,22 +36,46 @@ class TrainedCaptioner:
         r.shardings, sharding.batch_sharding(self.mesh))
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
-  def images(self, encoded: Sequence[bytes]) -> np.ndarray:
-    d = self.cfg.data
-    return np.stack(list(self._pool.map(
-        lambda b: transforms.decode_and_resize(b, d.image_size, d.resize, d.resample),
-        encoded)))
+  def local_batch_size(self, global_size: int) -> int:
+    """Rows this process feeds per batch: its share of `global_size`, rounded
+    up to a multiple of its devices."""
+    share = -(-global_size // jax.process_count())
+    return -(-share // jax.local_device_count()) * jax.local_device_count()
 
-  def caption_batches(self, encoded: Iterable[Sequence[bytes]]):
-    """Yields (captions, token ids) per batch of encoded images."""
-    n_dev = self.mesh.devices.size
-    for batch in encoded:
-      imgs = self.images(batch)
-      # Pad to the full eval batch (one compiled shape), a multiple of the devices.
-      size = max(self.cfg.eval.batch_size, len(imgs))
-      size = -(-size // n_dev) * n_dev
-      padded = np.zeros((size,) + imgs.shape[1:], np.uint8)
+  def decode(self, encoded: Sequence[bytes]) -> list[np.ndarray | transforms.BadImage]:
+    """Each image at the model's input size, or the BadImage it raised."""
+    d = self.cfg.data
+
+    def one(data):
+      try:
+        return transforms.decode_and_resize(data, d.image_size, d.resize, d.resample)
+      except transforms.BadImage as e:
+        return e
+
+    return list(self._pool.map(one, encoded))
+
+  def generate(self, local_images: np.ndarray) -> np.ndarray:
+    """This process's rows [local batch, H, W, 3] uint8 to the token ids of
+    every process's rows [global batch, L], process by process, on every
+    process."""
+    images = jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh),
+                                                    local_images)
+    ids = self._generate(self.params, images)
+    if jax.process_count() == 1:
+      return np.asarray(ids)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+
+  def caption_batches(self, batches: Iterable[Sequence[tuple[str, bytes]]]):
+    """Yields (captions, token ids) per batch of (name, encoded image) pairs
+    (one process); an unusable image is an error naming it."""
+    for batch in batches:
+      imgs = self.decode([data for _, data in batch])
+      for (name, _), img in zip(batch, imgs):
+        if isinstance(img, transforms.BadImage):
+          raise transforms.BadImage(f"{name}: {img}")
+      size = self.local_batch_size(max(self.cfg.eval.batch_size, len(imgs)))
+      padded = np.zeros((size, *imgs[0].shape), np.uint8)  # one compiled shape
       padded[:len(imgs)] = imgs
-      ids = self._generate(self.params, jax.device_put(padded, sharding.batch_sharding(self.mesh)))
-      ids = np.asarray(jax.device_get(ids))[:len(imgs)]
+      ids = self.generate(padded)[:len(imgs)]
       yield generate.decode_text(self.tok, ids, self.eos), ids

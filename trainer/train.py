@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from pipeline import records, tokenizer as tokenizer_lib, transforms
+from pipeline import prepare, tokenizer as tokenizer_lib, transforms
 from trainer import checkpoint, config as config_lib, optim, sharding, writers
 from trainer import params as params_lib
 from trainer.models.captioner import build_captioner
@@ -38,8 +38,8 @@ def prepare_tokenizer(cfg: ConfigDict, workdir: str):
       if jax.process_index() == 0:
         tok.save_pretrained(path)
     elif jax.process_index() == 0:
-      source = records.PreparedSource(cfg.data.train)
-      captions = (c for i in range(len(source)) for c in source[i]["captions"])
+      captions = (c for _, caps in prepare.ids_and_captions(prepare.open_split(cfg.data, "train"))
+                  for c in caps)
       tokenizer_lib.train_bpe(captions, cfg.tokenizer.vocab_size, path)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -90,14 +90,20 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0):
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-               "train/learning_rate": schedule(step), "train/tokens": tokens}
+               "train/learning_rate": schedule(step), "train/tokens": tokens,
+               "train/skipped_records": batch["skipped"].sum()}
     return params, opt_state, step + 1, metrics
 
   return train_step
 
 
 def make_loader(cfg: ConfigDict, tokenizer_dir: str) -> grain.DataLoader:
-  source = records.PreparedSource(cfg.data.train)
+  """Grain loader of the training split: sharded by process, shuffled by the
+  seed, endless, decoded and batched in worker processes."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags
+    flags.FLAGS.mark_as_parsed()
+  source = prepare.open_split(cfg.data, "train")
   per_process = cfg.train.batch_size // jax.process_count()
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shuffle=True, num_epochs=None, seed=cfg.seed,
@@ -106,7 +112,8 @@ def make_loader(cfg: ConfigDict, tokenizer_dir: str) -> grain.DataLoader:
   example = transforms.TrainExample(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
                                     cfg.data.captions_per_image, cfg.data.resize,
                                     cfg.data.resample,
-                                    (d.bos_token_id, d.eos_token_id, d.pad_token_id))
+                                    (d.bos_token_id, d.eos_token_id, d.pad_token_id),
+                                    cfg.data.crop_scale, cfg.data.bad_records)
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[example, grain.transforms.Batch(per_process, drop_remainder=True)],
@@ -124,8 +131,9 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   # Saved with the checkpoint: absolute, so eval works from any directory.
-  cfg.data.train = os.path.abspath(cfg.data.train)
-  cfg.data.eval = os.path.abspath(cfg.data.eval)
+  for which in ("train", "eval"):
+    if ":" not in cfg.data[which]:  # tfds:NAME and hf:FOLDER name no local path
+      cfg.data[which] = os.path.abspath(cfg.data[which])
   if cfg.train.batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over "
                      f"{jax.process_count()} processes")
@@ -179,10 +187,12 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   t_log, s_log, wait = time.time(), start, 0.0
   pending = None  # the previous step's metrics, read while this step runs
   last: dict[str, float] = {}
+  skipped = 0  # unusable records met by this process's run (data.bad_records=skip)
 
   def log(s, metrics):
-    nonlocal t_log, s_log, wait, last
+    nonlocal t_log, s_log, wait, last, skipped
     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    skipped += int(last["train/skipped_records"])
     writer.write_scalars(s, last)
     if s % cfg.train.log_every == 0 or s == total:
       dt = time.time() - t_log
@@ -191,7 +201,8 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
                                "train/images_per_second": rate * cfg.train.batch_size,
                                "train/data_wait_fraction": wait / dt})
       print(f"step {s}/{total}  loss {last['train/loss']:.4f}  {rate:.2f} steps/s  "
-            f"ETA {_eta((total - s) / rate)}", flush=True)
+            f"ETA {_eta((total - s) / rate)}" +
+            (f"  ({skipped} unusable records skipped)" if skipped else ""), flush=True)
       t_log, s_log, wait = time.time(), s, 0.0
 
   for s in range(start + 1, total + 1):
