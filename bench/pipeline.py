@@ -28,6 +28,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Grain's shared-memory batches are freed by the consumer; the resource tracker
+# (a separate process, hence the environment) still warns about them at exit.
+os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
 
 import cv2  # noqa: E402
 import grain  # noqa: E402
