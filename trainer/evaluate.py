@@ -111,7 +111,7 @@ def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int
     metrics["content_accuracy"] = synthetic.content_accuracy(texts, refs)
   metrics.update(step=model.step, images=len(texts), skipped_records=len(skipped),
                  processes=jax.process_count(), seconds=round(seconds, 2),
-                 split=repr(split or cfg.data.eval))
+                 split=split or cfg.data.eval)
   os.makedirs(out_dir, exist_ok=True)
   rows = []
   for i, (record_id, captions) in enumerate(meta):
