@@ -36,6 +36,17 @@ def _read_json(path: str):
       raise SourceError(f"{path}: not valid JSON ({e})") from None
 
 
+def file_record(record_id: str, path: str | None, captions: Sequence[str]) -> dict[str, Any]:
+  """A record whose image is the file at `path`, or the reason it is unreadable."""
+  record = {"id": record_id, "image": b"", "captions": list(captions), "path": path}
+  try:
+    with open(path, "rb") as f:
+      record["image"] = f.read()
+  except (OSError, TypeError) as e:  # TypeError: no path at all
+    record["error"] = f"unreadable file ({getattr(e, 'strerror', None) or e})"
+  return record
+
+
 class FileSource:
   """Records whose images are files on disk, read when accessed."""
 
@@ -47,14 +58,7 @@ class FileSource:
     return len(self.items)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    record_id, path, captions = self.items[index]
-    record = {"id": record_id, "image": b"", "captions": list(captions), "path": path}
-    try:
-      with open(path, "rb") as f:
-        record["image"] = f.read()
-    except OSError as e:
-      record["error"] = f"unreadable file ({e.strerror})"
-    return record
+    return file_record(*self.items[index])
 
   def __repr__(self) -> str:
     return f"FileSource({self.description}, records={len(self)})"
@@ -238,18 +242,10 @@ class HFDatasetSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     row = self._dataset()[index]
     image, caps = row[self.columns[0]], row[self.columns[1]]
-    caps = [caps] if isinstance(caps, str) else list(caps)
-    record = {"id": str(index), "image": b"", "captions": [str(c).strip() for c in caps]}
+    caps = [str(c).strip() for c in ([caps] if isinstance(caps, str) else caps)]
     if isinstance(image, dict) and image.get("bytes"):
-      record["image"] = image["bytes"]
-      return record
-    path = image.get("path") if isinstance(image, dict) else image
-    try:
-      with open(path, "rb") as f:
-        record["image"] = f.read()
-    except (OSError, TypeError) as e:
-      record["error"] = f"unreadable file ({getattr(e, 'strerror', None) or e})"
-    return record
+      return {"id": str(index), "image": image["bytes"], "captions": caps}
+    return file_record(str(index), image.get("path") if isinstance(image, dict) else image, caps)
 
   def __getstate__(self):
     return {**self.__dict__, "_ds": None}

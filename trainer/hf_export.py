@@ -81,4 +81,4 @@ def push_to_hub(folder: str, repo_id: str) -> str:
   except Exception as e:
     reason = (str(e).strip().splitlines() or [""])[0].replace(token, "***")[:200]
     raise OSError(f"--push-to-hub {repo_id}: upload failed, {folder} kept "
-                       f"({type(e).__name__}: {reason})") from None
+                  f"({type(e).__name__}: {reason})") from None
