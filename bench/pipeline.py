@@ -9,10 +9,16 @@ shapes, grain; quality 90), prepared as capjax ArrayRecord shards, to 224x224:
                 (what run_image_captioning_flax.py did), one core;
   loop          capjax's decode_and_resize (libjpeg-turbo scaled decoding,
                 OpenCV resize, uint8), one core;
-  pipeline      the training loader: a Grain DataLoader with ONE worker
-                process reading the shards, decoding, tokenising the captions
-                and batching (32), as the trainer runs it, in its steady
-                state (after the first batch, over a few epochs).
+  pipeline      the training stream (pipeline/loader.py) as the trainer
+                runs it, with ONE worker process reading the shards in the
+                epoch's random order, decoding, tokenising the captions and
+                batching (32); timed in its steady state, over a few epochs,
+                counting only batches the main process waited for;
+  in_process    the same batches built in the main process, one after
+                another, without the hand-over between processes.
+
+Each is timed once per round, the rounds alternating, and the best round of
+each kept: this machine's speed drifts.
 
 The last line is one JSON object with the figures.
 
@@ -33,13 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
 
 import cv2  # noqa: E402
-import grain  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import prepare, records, sources, tokenizer, transforms  # noqa: E402
+from pipeline import loader, prepare, records, sources, tokenizer, transforms  # noqa: E402
 
-SIZE, BATCH = 224, 32
+SIZE, BATCH, PREFETCH = 224, 32, 4
 
 
 def photo_like(rng: np.random.Generator, h: int = 480, w: int = 640) -> np.ndarray:
@@ -66,21 +71,18 @@ def pil_baseline(data: bytes) -> np.ndarray:
   return (x - 0.5) / 0.5
 
 
-def best_rate(fn, items, repeats: int) -> float:
-  """Items per second, best of `repeats` passes."""
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for x in items:
-      fn(x)
-    best = min(best, time.perf_counter() - t)
-  return len(items) / best
+def rate(fn, items) -> float:
+  """Items per second, one pass."""
+  t = time.perf_counter()
+  for x in items:
+    fn(x)
+  return len(items) / (time.perf_counter() - t)
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--images", type=int, default=500, help="JPEGs to generate (default: 500)")
-  p.add_argument("--repeats", type=int, default=3, help="timed passes of each (default: 3)")
+  p.add_argument("--repeats", type=int, default=3, help="rounds (default: 3)")
   p.add_argument("--epochs", type=int, default=3, help="epochs per timed pipeline pass, for "
                  "its steady state (default: 3)")
   args = p.parse_args()
@@ -102,36 +104,52 @@ def main():
     tok_dir = os.path.join(tmp, "tok")
     tokenizer.train_bpe([c for x in items for c in x[2]], 300, tok_dir)
 
-    pil = best_rate(pil_baseline, blobs, args.repeats)
-    loop = best_rate(lambda b: transforms.decode_and_resize(b, SIZE, "squash"), blobs,
-                     args.repeats)
+    make_batch = transforms.TrainBatch(SIZE, tok_dir, 24, 1, "squash")
 
     def pipeline_pass() -> float:
-      loader = grain.DataLoader(
-          data_source=source,
-          sampler=grain.samplers.IndexSampler(len(source), shuffle=True,
-                                              num_epochs=args.epochs, seed=0),
-          operations=[transforms.TrainExample(SIZE, tok_dir, 24, 1, "squash"),
-                      grain.transforms.Batch(BATCH, drop_remainder=True)],
-          worker_count=1, worker_buffer_size=4)
-      it = iter(loader)
-      first = next(it)  # the worker's start-up (imports, tokenizer) is not throughput
-      t, n = time.perf_counter(), 0
-      for batch in it:
-        n += len(batch["image"])
+      stream = iter(loader.train_stream(source, make_batch, BATCH, seed=0, workers=1,
+                                        prefetch=PREFETCH))
+      # Start-up (the worker's imports, its first batches into the buffer) is
+      # not throughput: time only batches the main process had to wait for.
+      for _ in range(PREFETCH + 2):
+        first = next(stream)
+      batches = args.epochs * len(source) // BATCH
+      t = time.perf_counter()
+      for _ in range(batches):
+        next(stream)
+      elapsed = time.perf_counter() - t
+      stream.close()
       assert first["image"].shape == (BATCH, SIZE, SIZE, 3)
-      return n / (time.perf_counter() - t)
+      return batches * BATCH / elapsed
 
-    pipe = max(pipeline_pass() for _ in range(min(args.repeats, 2)))
+    def in_process_pass() -> float:
+      """The same batches built in this process, one after another: the
+      stream without the hand-over between processes."""
+      batches = loader.GlobalOrder(source, 0, BATCH).map(make_batch)
+      t = time.perf_counter()
+      for k in range(len(source) // BATCH):
+        batches[k]
+      return len(source) // BATCH * BATCH / (time.perf_counter() - t)
+
+    # Alternated, best of each: this machine's speed drifts.
+    pil = loop = pipe = inproc = 0.0
+    for _ in range(args.repeats):
+      pil = max(pil, rate(pil_baseline, blobs))
+      loop = max(loop, rate(lambda b: transforms.decode_and_resize(b, SIZE, "squash"), blobs))
+      inproc = max(inproc, in_process_pass())
+      pipe = max(pipe, pipeline_pass())
 
   result = {
       "images": args.images, "jpeg_kb_mean": round(float(mean_kb), 1), "out_size": SIZE,
       "pil_baseline_images_per_s": round(pil, 1), "loop_images_per_s": round(loop, 1),
       "pipeline_one_worker_images_per_s": round(pipe, 1),
+      "in_process_images_per_s": round(inproc, 1),
       "loop_vs_pil_baseline": round(loop / pil, 2), "pipeline_vs_loop": round(pipe / loop, 2),
+      "in_process_vs_loop": round(inproc / loop, 2),
   }
   print(f"Pillow baseline {pil:.0f}/s, capjax loop {loop:.0f}/s ({loop / pil:.2f}x), "
-        f"Grain pipeline with one worker {pipe:.0f}/s ({pipe / loop:.2f}x the loop)")
+        f"Grain pipeline with one worker {pipe:.0f}/s ({pipe / loop:.2f}x the loop), "
+        f"its batches built in one process {inproc:.0f}/s ({inproc / loop:.2f}x)")
   print(json.dumps(result))
 
 

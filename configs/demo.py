@@ -26,7 +26,7 @@ def get_config() -> ConfigDict:
       image_column="image", caption_column="caption"))  # tables, hf
   c.data.image_size = 64
   c.data.resize = "crop"  # shorter side + centre crop, or "squash"
-  c.data.resample = "auto"  # area to shrink, bicubic to enlarge; or bilinear, ...
+  c.data.resample = "auto"  # area to shrink 2x+, bilinear less, bicubic to enlarge; or a filter
   c.data.crop_scale = 0.0  # >0: random resized crops of this much to all of the area (training)
   c.data.bad_records = "skip"  # unusable records: "skip" (counted in the metrics) or "fail"
   c.data.max_length = 24  # decoder tokens, BOS/EOS included
@@ -61,6 +61,7 @@ def get_config() -> ConfigDict:
 
   c.train = ConfigDict()
   c.train.steps = 850
+  c.train.epochs = 0.0  # >0: as many steps as this many passes over the training records
   c.train.batch_size = 64  # images per step, all processes together
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100

@@ -1,9 +1,10 @@
-"""The training loader: deterministic, resumable to the batch."""
+"""The training stream: deterministic, resumable to the batch, the same
+global batches whatever the number of processes."""
 
 import numpy as np
 import pytest
 
-from pipeline import tokenizer
+from pipeline import loader, prepare, tokenizer, transforms
 from tests.conftest import TINY_CONFIG
 from trainer import config, train
 
@@ -13,16 +14,17 @@ def test_restored_iterator_yields_the_same_batches(prepared, tmp_path, workers):
   cfg = config.load(TINY_CONFIG, [f"config.data.train={prepared['train']}",
                                   f"config.data.worker_count={workers}",
                                   "config.data.crop_scale=0.5"])
+  src = prepare.open_split(cfg.data, "train")
   tok_dir = str(tmp_path / "tok")
   tok = tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
   d = cfg.model.decoder
   d.bos_token_id, d.eos_token_id, d.pad_token_id = tokenizer.special_ids(tok)
-  it = iter(train.make_loader(cfg, tok_dir))
+  it = iter(train.make_loader(cfg, src, tok_dir))
   for _ in range(3):
     next(it)
   state = it.get_state()
   straight = [next(it) for _ in range(4)]
-  again = iter(train.make_loader(cfg, tok_dir))
+  again = iter(train.make_loader(cfg, src, tok_dir))
   again.set_state(state)
   restored = [next(again) for _ in range(4)]
   for a, b in zip(straight, restored):
@@ -31,3 +33,77 @@ def test_restored_iterator_yields_the_same_batches(prepared, tmp_path, workers):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert straight[0]["image"].shape == (cfg.train.batch_size, 32, 32, 3)
   assert not np.array_equal(straight[0]["image"], straight[1]["image"])
+
+
+@pytest.mark.parametrize("limit", [loader.PERMUTATION_LIMIT, 0])  # numpy orders; Grain's shuffle
+def test_global_batches_do_not_depend_on_process_count(monkeypatch, limit):
+  monkeypatch.setattr(loader, "PERMUTATION_LIMIT", limit)
+  records = [f"r{i}" for i in range(10)]
+
+  def global_batches(processes):
+    shares = [loader.GlobalOrder(records, 3, 4, p, processes) for p in range(processes)]
+    return [[x for s in shares for x in s[k]] for k in range(8)]
+
+  one = global_batches(1)
+  assert global_batches(2) == one and global_batches(4) == one
+  stream = [x for batch in one for x in batch]
+  assert [g for g, _ in stream] == list(range(32))
+  epochs = [[r for _, r in stream[e * 10:(e + 1) * 10]] for e in range(3)]
+  assert all(sorted(e) == sorted(records) for e in epochs)  # each record once an epoch
+  assert epochs[0] != epochs[1] != epochs[2]  # in a new order each time
+  assert loader.GlobalOrder(records, 3, 4)[5] == loader.GlobalOrder(records, 3, 4)[5]
+  assert loader.GlobalOrder(records, 4, 4)[0] != loader.GlobalOrder(records, 3, 4)[0]
+  with pytest.raises(ValueError, match="does not divide"):
+    loader.GlobalOrder(records, 3, 4, 0, 3)
+
+
+def test_state_restores_onto_other_process_and_worker_counts(prepared, tmp_path):
+  """A run saved by one process with two workers resumes on two processes
+  without workers, at the very next global batch."""
+  tok_dir = str(tmp_path / "tok")
+  tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
+  src = prepare.open_source(prepared["train"])
+  make_batch = transforms.TrainBatch(32, tok_dir, 12, 2, crop_scale=0.5, seed=1)
+  one = loader.train_stream(src, make_batch, 8, 1, workers=2)
+  for _ in range(5):
+    next(one)
+  state = one.get_state()
+  assert state["next_batch"] == 5
+  straight = [next(one) for _ in range(3)]
+  one.close()
+  halves = [loader.train_stream(src, make_batch, 8, 1, p, 2) for p in range(2)]
+  assert halves[0].get_state()["stream"] == state["stream"]
+  for h in halves:
+    h.set_state(state)
+  for want in straight:
+    got = [next(h) for h in halves]
+    for key in want:
+      np.testing.assert_array_equal(want[key], np.concatenate([g[key] for g in got]))
+
+
+def test_examples_are_the_same_however_the_work_is_split(prepared, tmp_path):
+  """Random crops and caption choices follow the example, not the process."""
+  tok_dir = str(tmp_path / "tok")
+  tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
+  src = prepare.open_source(prepared["train"])
+  make_batch = transforms.TrainBatch(32, tok_dir, 12, 2, crop_scale=0.5, seed=5)
+
+  def batches(process_index, process_count):
+    it = iter(loader.train_stream(src, make_batch, 8, 5, process_index, process_count))
+    return [next(it) for _ in range(len(src) // 8 + 2)]  # into the second epoch
+
+  whole = batches(0, 1)
+  halves = zip(batches(0, 2), batches(1, 2))
+  for k, (a, b) in enumerate(halves):
+    for key in whole[k]:
+      np.testing.assert_array_equal(whole[k][key], np.concatenate([a[key], b[key]]), err_msg=key)
+  assert whole[0]["input_ids"].shape == (8, 2, 12) and whole[0]["skipped"].shape == (8,)
+
+
+def test_train_epochs_sets_the_steps():
+  cfg = config.load(TINY_CONFIG, ["config.train.epochs=2.5", "config.train.batch_size=8"])
+  train.resolve_steps(cfg, 96)
+  assert cfg.train.steps == 30
+  cfg = config.load(TINY_CONFIG, ["config.train.steps=0"])
+  with pytest.raises(ValueError, match="train.steps=0"):
+    train.resolve_steps(cfg, 96)

@@ -2,6 +2,7 @@ import io
 import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -83,6 +84,23 @@ def test_decode_and_resize(fmt, mode):
   assert out.shape == (24, 24, 3) and out.dtype == np.uint8
   assert out[12, 2, 0] > 200 and out[12, 2, 2] < 60  # still red on the left
   assert out[12, 21, 2] > 200 and out[12, 21, 0] < 60  # still blue on the right
+  into = np.zeros((2, 24, 24, 3), np.uint8)
+  assert np.shares_memory(transforms.decode_and_resize(buf.getvalue(), 24, mode, out=into[1]),
+                          into)
+  np.testing.assert_array_equal(into[1], out)
+  assert not into[0].any()
+
+
+def test_auto_resample_stays_close_to_area_averaging():
+  """Bilinear below 2x (what DCT-scaled JPEGs need) instead of area averaging."""
+  rng = np.random.default_rng(0)
+  smooth = cv2.resize(rng.uniform(0, 255, (9, 12, 3)).astype(np.float32), (320, 240),
+                      interpolation=cv2.INTER_CUBIC)
+  img = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+  for size in (224, 150, 100, 70):  # shrinking by 1.4x, 2.1x, 3.2x, 4.6x
+    area = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).astype(float)
+    auto = transforms._resize(img, size, "auto").astype(float)
+    assert np.abs(auto - area).mean() < 2.0, size
 
 
 def test_tokenize_layout(tmp_path):
@@ -97,3 +115,8 @@ def test_tokenize_layout(tmp_path):
   assert out["labels"][0, :n + 1].tolist() == ids + [eos]
   assert out["loss_mask"][0].tolist() == [1.0] * (n + 1) + [0.0] * (6 - n - 1)
   assert out["loss_mask"][1].tolist() == [1.0] * 6  # truncated: no EOS fits
+  # The Rust tokenizer used directly gives what the wrapper gives.
+  odd = ["  Two  spaces, a tab\tand ÜNICODE — «quotes»", "ends with a space ", "x" * 50, ""]
+  for caption in odd:
+    ids = tok(caption, add_special_tokens=False)["input_ids"]
+    assert transforms.tokenize_captions(tok, [caption], 64)["labels"][0, :len(ids)].tolist() == ids

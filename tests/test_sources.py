@@ -190,6 +190,11 @@ def test_exif_orientation(fmt):
   out = transforms.decode_image(_encode(Image.fromarray(rgb), fmt, exif=exif.tobytes()))
   assert out.shape == (80, 40, 3)
   assert out[5, 20, 0] > 200 and out[75, 20, 0] < 60  # red now on top
+  plain = _encode(Image.fromarray(rgb), fmt)
+  assert transforms.decode_image(plain).shape == (40, 80, 3)
+  if fmt == "JPEG":  # the metadata walk settles plain JPEGs without Pillow
+    assert not transforms._jpeg_may_have_exif(plain)
+    assert transforms._jpeg_may_have_exif(_encode(Image.fromarray(rgb), fmt, exif=exif.tobytes()))
 
 
 # Bad files: skipped with their reason by prepare, and by the loader's policy.
@@ -241,18 +246,17 @@ def test_loader_bad_record_policy(tmp_path):
   tok_dir = str(tmp_path / "tok")
   tokenizer.train_bpe(["caption of a picture"] * 10, 280, tok_dir)
   src = prepare.open_source(str(_bad_files(tmp_path)))
-  rng = np.random.default_rng(0)
-  skip = transforms.TrainExample(32, tok_dir, 8, 2, bad_records="skip")
-  fail = transforms.TrainExample(32, tok_dir, 8, 2, bad_records="fail")
-  outs = [skip.random_map(src[i], rng) for i in range(len(src))]
-  assert [int(o["skipped"]) for o in outs] == [0] + [1] * (len(src) - 1)
-  assert outs[0]["loss_mask"].sum() > 0 and all(o["loss_mask"].sum() == 0 for o in outs[1:])
-  assert all(o["image"].shape == (32, 32, 3) for o in outs)
-  assert fail.random_map(src[0], rng)["skipped"] == 0
+  skip = transforms.TrainBatch(32, tok_dir, 8, 2, bad_records="skip")
+  fail = transforms.TrainBatch(32, tok_dir, 8, 2, bad_records="fail")
+  out = skip.map(list(enumerate(src[i] for i in range(len(src)))))
+  assert out["skipped"].tolist() == [0] + [1] * (len(src) - 1)
+  assert out["loss_mask"][0].sum() > 0 and out["loss_mask"][1:].sum() == 0
+  assert out["image"].shape == (len(src), 32, 32, 3) and not out["image"][1:].any()
+  assert fail.map([(0, src[0])])["skipped"].tolist() == [0]
   with pytest.raises(transforms.BadImage, match=r"record 'truncated.jpg' .*truncated image"):
-    fail.random_map(src[1], rng)
+    fail.map([(0, src[0]), (1, src[1])])
   with pytest.raises(ValueError, match="data.bad_records"):
-    transforms.TrainExample(32, tok_dir, 8, 2, bad_records="ignore")
+    transforms.TrainBatch(32, tok_dir, 8, 2, bad_records="ignore")
 
 
 def test_random_resized_crop_keeps_the_size_and_varies():

@@ -1,5 +1,5 @@
-"""Orbax checkpoints of a run: parameters, optimiser state, the Grain
-iterator's state and the config, under `WORKDIR/checkpoints/STEP/`.
+"""Orbax checkpoints of a run: parameters, optimiser state, the data
+stream's position and the config, under `WORKDIR/checkpoints/STEP/`.
 
 Saves are asynchronous and atomic (Orbax writes into a temporary folder and
 renames it when complete), so a run killed mid-save resumes from the previous
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
@@ -30,7 +29,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
   mngr.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
-      data=grain.checkpoint.CheckpointSave(data_iter),
+      data=ocp.args.JsonSave(data_iter.get_state()),
       config=ocp.args.JsonSave(config.to_dict()),
   ))
 
@@ -47,12 +46,17 @@ def save_params(workdir: str, step: int, params: Any, config: ConfigDict) -> Non
 def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
                         abstract_opt_state: Any, data_iter: Any) -> tuple[Any, Any]:
   """Restores parameters and optimiser state with the given shardings, and the
-  iterator's position in place."""
+  data stream's position in place (saved by any number of processes)."""
   out = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params),
       opt_state=ocp.args.StandardRestore(abstract_opt_state),
-      data=grain.checkpoint.CheckpointRestore(data_iter),
+      data=ocp.args.JsonRestore(),
   ))
+  saved, now = out.data.get("stream"), data_iter.get_state().get("stream")
+  if saved != now:
+    print(f"note: the checkpoint's data stream was {saved}; continuing at its batch "
+          f"{out.data['next_batch']} of {now}", flush=True)
+  data_iter.set_state(out.data)
   return out.params, out.opt_state
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -22,7 +23,7 @@ import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from pipeline import prepare, tokenizer as tokenizer_lib, transforms
+from pipeline import loader, prepare, tokenizer as tokenizer_lib, transforms
 from trainer import checkpoint, config as config_lib, optim, sharding, writers
 from trainer import params as params_lib
 from trainer.models.captioner import build_captioner
@@ -97,27 +98,30 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0):
   return train_step
 
 
-def make_loader(cfg: ConfigDict, tokenizer_dir: str) -> grain.DataLoader:
-  """Grain loader of the training split: sharded by process, shuffled by the
-  seed, endless, decoded and batched in worker processes."""
+def make_loader(cfg: ConfigDict, source: Any, tokenizer_dir: str) -> grain.IterDataset:
+  """This process's share of each global batch of the training `source`:
+  shuffled by the seed, endless, built in worker processes."""
   from absl import flags
   if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags
     flags.FLAGS.mark_as_parsed()
-  source = prepare.open_split(cfg.data, "train")
-  per_process = cfg.train.batch_size // jax.process_count()
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shuffle=True, num_epochs=None, seed=cfg.seed,
-      shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
   d = cfg.model.decoder
-  example = transforms.TrainExample(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
-                                    cfg.data.captions_per_image, cfg.data.resize,
-                                    cfg.data.resample,
-                                    (d.bos_token_id, d.eos_token_id, d.pad_token_id),
-                                    cfg.data.crop_scale, cfg.data.bad_records)
-  return grain.DataLoader(
-      data_source=source, sampler=sampler,
-      operations=[example, grain.transforms.Batch(per_process, drop_remainder=True)],
-      worker_count=cfg.data.worker_count, worker_buffer_size=cfg.data.prefetch)
+  make_batch = transforms.TrainBatch(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
+                                   cfg.data.captions_per_image, cfg.data.resize,
+                                   cfg.data.resample,
+                                   (d.bos_token_id, d.eos_token_id, d.pad_token_id),
+                                   cfg.data.crop_scale, cfg.data.bad_records, cfg.seed)
+  return loader.train_stream(source, make_batch, cfg.train.batch_size, cfg.seed,
+                             jax.process_index(), jax.process_count(),
+                             cfg.data.worker_count, cfg.data.prefetch)
+
+
+def resolve_steps(cfg: ConfigDict, num_records: int) -> None:
+  """`train.epochs` > 0 sets `train.steps` to cover that many passes over the
+  training records (the last step's batch may run into the next pass)."""
+  if cfg.train.epochs > 0:
+    cfg.train.steps = math.ceil(cfg.train.epochs * num_records / cfg.train.batch_size)
+  if cfg.train.steps < 1:
+    raise ValueError(f"config.train.steps={cfg.train.steps}: set steps or epochs above 0")
 
 
 def _eta(seconds: float) -> str:
@@ -137,6 +141,12 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   if cfg.train.batch_size % jax.process_count():
     raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over "
                      f"{jax.process_count()} processes")
+  source = prepare.open_split(cfg.data, "train")
+  resolve_steps(cfg, len(source))
+  if jax.process_index() == 0:
+    print(f"{len(source)} training records; {cfg.train.steps} steps of "
+          f"{cfg.train.batch_size} images: "
+          f"{cfg.train.steps * cfg.train.batch_size / len(source):.2f} epochs", flush=True)
   _, tokenizer_dir = prepare_tokenizer(cfg, workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   graphdef, abs_params, param_sh = params_lib.abstract_model(cfg, mesh)
@@ -151,8 +161,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     params = nnx.state(build_captioner(cfg.model, cfg.seed))
     return params, tx.init(params)
 
-  loader = make_loader(cfg, tokenizer_dir)
-  data_iter = iter(loader)
+  data_iter = iter(make_loader(cfg, source, tokenizer_dir))
   mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
   start = mngr.latest_step()
   if start is None and cfg.train.init_from:
@@ -218,6 +227,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   if pending is not None:
     log(*pending)
   mngr.wait_until_finished()
+  data_iter.close()
   writer.flush()
   writer.close()
   return last
