@@ -65,12 +65,17 @@ def get_config() -> ConfigDict:
   c.train.batch_size = 64  # images per step, all processes together
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100
-  c.train.schedule = "cosine"  # or "linear", "constant"
+  c.train.schedule = "cosine"  # or "linear", "rsqrt", "constant"
   c.train.weight_decay = 0.01
   c.train.b1 = 0.9
   c.train.b2 = 0.98
   c.train.grad_clip = 1.0
+  c.train.freeze = ""  # a regular expression over parameter names, e.g. "^encoder/"
+  c.train.accum_steps = 1  # >1: the batch in this many micro-batches, gradients summed
+  c.train.label_smoothing = 0.0
+  c.train.nonfinite = "stop"  # a non-finite loss: "stop" (last good state kept) or "skip" the step
   c.train.log_every = 20
+  c.train.peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: known TPUs and GPUs only
   # A checkpoint to start from (e.g. a run directory written by import-hf):
   # its model, tokenizer and image settings, with a fresh optimiser.
   c.train.init_from = ""

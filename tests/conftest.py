@@ -22,6 +22,15 @@ def run_capjax(*args, check=True, env=None, timeout=600, clean_env=None):
   return proc
 
 
+def run_local(n, m, *args, timeout=900):
+  """`launch/local.sh N M ARGS...`: N processes on localhost, M CPU devices each."""
+  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), str(n), str(m), *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "CAPJAX_PYTHON": sys.executable})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return proc
+
+
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
   from pipeline import synthetic

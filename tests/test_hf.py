@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from tests.conftest import TINY_CONFIG, run_capjax  # noqa: E402
 from trainer import generate, hf_import, params as params_lib  # noqa: E402
-from trainer.train import loss_fn  # noqa: E402
+from trainer.step import loss_fn  # noqa: E402
 
 CAPTIONS = ["a red circle", "two blue squares on a plain background", "a small green cross"] * 30
 

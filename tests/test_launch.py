@@ -1,42 +1,13 @@
-"""Several processes on localhost, each with several CPU devices, train as one run."""
+"""Several processes on localhost, each with several CPU devices, act as one run
+(training as one is in test_equivalence.py)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
-import numpy as np
-
-from tests.conftest import REPO, TINY_CONFIG, run_capjax
-
-
-def _losses(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return [r["train/loss"] for r in rows if "train/loss" in r]
-
-
-def test_two_processes_match_one(prepared, tmp_path):
-  args = ["--config", TINY_CONFIG, f"--config.data.train={prepared['train']}",
-          f"--config.data.eval={prepared['val']}", "--config.train.steps=4"]
-  single = tmp_path / "single"
-  run_capjax("train", "--workdir", str(single), *args)
-  multi = tmp_path / "multi"
-  proc = _local(2, 2, "train", "--workdir", str(multi), *args)
-  assert "[0] step 4/4" in proc.stdout and "[1] " in proc.stdout
-  assert sorted(os.listdir(multi / "checkpoints")) == ["3", "4"]
-  # Each process reads its own half of the data, so the batches differ from
-  # the one-process run's; the losses agree in magnitude, not to the digit.
-  one, two = _losses(single), _losses(multi)
-  assert len(two) == 4 and np.all(np.isfinite(two))
-  np.testing.assert_allclose(one[0], two[0], rtol=0.05)
-
-
-def _local(n, m, *args):
-  proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), str(n), str(m), *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "CAPJAX_PYTHON": sys.executable})
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  return proc
+from tests.conftest import REPO, TINY_CONFIG, run_capjax, run_local
 
 
 def test_eval_visits_every_record_once(prepared, synthetic_coco, tmp_path):
@@ -57,7 +28,7 @@ def test_eval_visits_every_record_once(prepared, synthetic_coco, tmp_path):
   table.write_text("".join(json.dumps(r) + "\n" for r in rows))
   args = ["--checkpoint", str(run), "--split", str(table), "--config.eval.batch_size=7"]
   run_capjax("eval", *args, "--out", str(tmp_path / "one"))
-  proc = _local(2, 2, "eval", *args, "--out", str(tmp_path / "two"))
+  proc = run_local(2, 2, "eval", *args, "--out", str(tmp_path / "two"))
   assert "CIDEr-D" in proc.stdout and "[1] " not in "".join(
       l for l in proc.stdout.splitlines(True) if "CIDEr-D" in l)
 
@@ -81,3 +52,49 @@ def test_launcher_usage():
   proc = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "x", "2", "train"],
                         capture_output=True, text=True)
   assert proc.returncode == 2 and "positive integers" in proc.stderr
+
+
+def _descendants(pid):
+  """Process ids below `pid`, read from /proc."""
+  parents = {}
+  for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{p}/stat") as f:
+        parents[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+      pass
+  out, frontier = [], [pid]
+  while frontier:
+    kids = [p for p, parent in parents.items() if parent in frontier]
+    out += kids
+    frontier = kids
+  return out
+
+
+def test_preemption_of_two_processes_checkpoints_one_step(prepared, tmp_path):
+  """SIGTERM to every process of a 2 x 2 run: JAX's preemption service agrees
+  on a step, both save it and exit 0."""
+  proc = subprocess.Popen(
+      [os.path.join(REPO, "launch", "local.sh"), "2", "2", "train", "--config", TINY_CONFIG,
+       "--workdir", str(tmp_path), f"--config.data.train={prepared['train']}",
+       f"--config.data.eval={prepared['val']}", "--config.train.steps=100000",
+       "--config.checkpoint.every_steps=100000"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, "CAPJAX_PYTHON": sys.executable})
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if "step 6/" in line:
+      break
+  for pid in _descendants(proc.pid):
+    try:
+      with open(f"/proc/{pid}/cmdline") as f:
+        if "trainer.cli" in f.read():
+          os.kill(pid, signal.SIGTERM)
+    except OSError:
+      pass
+  rest = proc.stdout.read()
+  assert proc.wait(timeout=300) == 0, "".join(seen) + rest
+  steps = {l.split("checkpoint at step ")[1].split(";")[0] for l in rest.splitlines()
+           if "preempted" in l}
+  assert len(steps) == 1 and os.listdir(tmp_path / "checkpoints") == list(steps)

@@ -3,17 +3,23 @@
 import glob
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 
+import jax
+import numpy as np
 import pytest
 
-from tests.conftest import TINY_CONFIG, run_capjax
+from tests.conftest import REPO, TINY_CONFIG, run_capjax
 
 
-def _train(workdir, prepared, *overrides):
+def _train(workdir, prepared, *overrides, check=True):
   return run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(workdir),
                     f"--config.data.train={prepared['train']}",
                     f"--config.data.eval={prepared['val']}",
-                    "--config.train.schedule=constant", *overrides)
+                    "--config.train.schedule=constant", *overrides, check=check)
 
 
 def _losses(workdir):
@@ -24,7 +30,7 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def run_10_steps(prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
-  _train(workdir, prepared, "--config.train.steps=10")
+  _train(workdir, prepared, "--config.train.steps=10", "--config.train.peak_flops=1e12")
   return workdir
 
 
@@ -43,7 +49,9 @@ def test_train_writes_metrics_checkpoints_and_events(run_10_steps):
                                            size_guidance={event_accumulator.TENSORS: 0})
   acc.Reload()
   tags = acc.Tags()["tensors"]
-  for name in ("train/loss", "train/learning_rate", "train/grad_norm", "train/steps_per_second"):
+  for name in ("train/loss", "train/learning_rate", "train/grad_norm", "train/steps_per_second",
+               "train/tokens_per_second", "train/step_time_s", "train/data_wait_fraction",
+               "train/tflops_per_device", "train/mfu", "train/nonfinite"):
     assert name in tags, tags
   steps = [e.step for e in acc.Tensors("train/loss")]
   assert steps == list(range(1, 11))
@@ -86,3 +94,93 @@ def test_eval_and_predict(run_10_steps, prepared, synthetic_coco, tmp_path):
   beams = [json.loads(l) for l in open(out)]
   assert [r["image"] for r in beams] == images
   assert all(1 <= len(r["token_ids"]) <= 5 for r in beams)
+
+
+def _start(workdir, prepared, *overrides):
+  """`capjax train` in the background, its stdout read line by line."""
+  return subprocess.Popen(
+      [sys.executable, "-m", "trainer.cli", "train", "--config", TINY_CONFIG, "--workdir",
+       str(workdir), f"--config.data.train={prepared['train']}",
+       f"--config.data.eval={prepared['val']}", "--config.train.schedule=constant",
+       "--config.train.steps=100000", *overrides],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc, text):
+  seen = []
+  for line in proc.stdout:
+    seen.append(line)
+    if text in line:
+      return seen
+  raise AssertionError(f"never printed {text!r}:\n{''.join(seen)}")
+
+
+def _params(workdir, step):
+  from trainer import params
+  restored = params.restore(str(workdir / "checkpoints" / str(step)))
+  return [np.asarray(x) for x in jax.tree.leaves(restored.params)]
+
+
+def test_killed_run_resumes_exactly(prepared, run_10_steps, tmp_path):
+  """SIGKILL after a checkpoint: the restarted run ends with the parameters
+  and per-step losses of one uninterrupted run, bit for bit."""
+  proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=3")
+  _wait_for(proc, "step 8/")  # the save at 6 began, so the one at 3 is complete
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.listdir(tmp_path / "checkpoints")
+  again = _train(tmp_path, prepared, "--config.train.steps=10")
+  assert "resuming from the checkpoint at step" in again.stdout
+  assert _losses(tmp_path) == _losses(run_10_steps)
+  for a, b in zip(_params(tmp_path, 10), _params(run_10_steps, 10)):
+    assert (a == b).all()
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_0(prepared, run_10_steps, tmp_path):
+  proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=1000")
+  _wait_for(proc, "step 4/")
+  proc.send_signal(signal.SIGTERM)
+  rest = proc.stdout.read()
+  assert proc.wait() == 0, rest
+  stopped = int(rest.split("preempted: checkpoint at step ")[1].split(";")[0])
+  assert os.listdir(tmp_path / "checkpoints") == [str(stopped)]
+  assert sorted(_losses(tmp_path)) == list(range(1, stopped + 1))
+  again = _train(tmp_path, prepared, f"--config.train.steps={max(stopped, 10)}")
+  assert f"resuming from the checkpoint at step {stopped}" in again.stdout
+  want = _losses(run_10_steps)
+  assert {s: l for s, l in _losses(tmp_path).items() if s <= 10} == want
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_non_finite_loss(prepared, tmp_path, mode):
+  """A learning rate of 1e30 blows the weights up within a few steps."""
+  proc = _train(tmp_path, prepared, "--config.train.learning_rate=1e30",
+                "--config.train.steps=8", f"--config.train.nonfinite={mode}", check=False)
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  bad = [r["step"] for r in rows if r.get("train/nonfinite")]
+  assert bad, rows
+  if mode == "stop":
+    assert proc.returncode == 1
+    assert re.search(rf"error: step {bad[0]}: loss (nan|inf)",
+                     proc.stderr.strip().splitlines()[-1].lower())
+    if bad[0] > 1:
+      assert str(bad[0] - 1) in os.listdir(tmp_path / "checkpoints")
+      assert all(np.isfinite(x).all() for x in _params(tmp_path, bad[0] - 1))
+  else:
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(rf"step {bad[0]}: loss (nan|inf).*update skipped", proc.stdout.lower())
+    assert all(np.isfinite(x).all() for x in _params(tmp_path, 8))
+
+
+def test_frozen_parameters_do_not_move(prepared, tmp_path):
+  _train(tmp_path, prepared, "--config.train.steps=4", "--config.checkpoint.every_steps=2",
+         "--config.train.freeze=^encoder/")
+  from trainer import optim, params
+  names = [optim.param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+      params.restore(str(tmp_path)).params)[0]]
+  before, after = _params(tmp_path, 2), _params(tmp_path, 4)
+  moved = {n for n, a, b in zip(names, before, after) if not (a == b).all()}
+  assert moved and all(n.startswith("decoder/") for n in moved)
+  assert any(n.startswith("encoder/") for n in names)
+  proc = _train(tmp_path / "x", prepared, "--config.train.freeze=^nothing", check=False)
+  assert proc.returncode == 1 and "matches no parameter" in proc.stderr

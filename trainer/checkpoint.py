@@ -25,11 +25,11 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
-         data_iter: Any, config: ConfigDict) -> None:
+         data_state: dict, config: ConfigDict) -> None:
   mngr.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
-      data=ocp.args.JsonSave(data_iter.get_state()),
+      data=ocp.args.JsonSave(data_state),
       config=ocp.args.JsonSave(config.to_dict()),
   ))
 

@@ -13,10 +13,11 @@ import json
 import logging
 import math
 import os
+import re
+import signal
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,7 +26,7 @@ from ml_collections import ConfigDict
 
 from pipeline import loader, prepare, tokenizer as tokenizer_lib, transforms
 from trainer import checkpoint, config as config_lib, optim, sharding, writers
-from trainer import params as params_lib
+from trainer import flops as flops_lib, params as params_lib, step as step_lib
 from trainer.models.captioner import build_captioner
 
 
@@ -72,33 +73,7 @@ def inherit_from_checkpoint(cfg: ConfigDict, overrides: list[str]) -> ConfigDict
   return config_lib.apply_overrides(cfg, overrides)
 
 
-def loss_fn(params, graphdef, batch, key=None):
-  """Mean cross-entropy over the non-padding tokens of the global batch;
-  dropout (at the config's rates) when `key` is given."""
-  logits = nnx.merge(graphdef, params)(batch["image"], batch["input_ids"], key)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  mask = batch["loss_mask"]
-  tokens = jnp.maximum(mask.sum(), 1.0)
-  return (ce * mask).sum() / tokens, tokens
-
-
-def make_train_step(graphdef, tx, schedule, seed: int = 0):
-
-  def train_step(params, opt_state, step, batch):
-    key = jax.random.fold_in(jax.random.key(seed), step)  # dropout: the same on resume
-    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch,
-                                                                      key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-               "train/learning_rate": schedule(step), "train/tokens": tokens,
-               "train/skipped_records": batch["skipped"].sum()}
-    return params, opt_state, step + 1, metrics
-
-  return train_step
-
-
-def make_loader(cfg: ConfigDict, source: Any, tokenizer_dir: str) -> grain.IterDataset:
+def make_loader(cfg: ConfigDict, source: Any, tokenizer_dir: str) -> loader.BatchStream:
   """This process's share of each global batch of the training `source`:
   shuffled by the seed, endless, built in worker processes."""
   from absl import flags
@@ -113,6 +88,24 @@ def make_loader(cfg: ConfigDict, source: Any, tokenizer_dir: str) -> grain.IterD
   return loader.train_stream(source, make_batch, cfg.train.batch_size, cfg.seed,
                              jax.process_index(), jax.process_count(),
                              cfg.data.worker_count, cfg.data.prefetch)
+
+
+def check_train_config(cfg: ConfigDict) -> None:
+  t = cfg.train
+  if t.batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={t.batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+  if t.accum_steps < 1 or t.batch_size % t.accum_steps:
+    raise ValueError(f"train.accum_steps={t.accum_steps} does not divide "
+                     f"train.batch_size={t.batch_size}")
+  if t.nonfinite not in ("stop", "skip"):
+    raise ValueError(f"train.nonfinite: {t.nonfinite!r} is not stop or skip")
+  try:
+    re.compile(t.freeze)
+  except re.error as e:
+    raise ValueError(f"train.freeze={t.freeze!r}: not a regular expression ({e})") from None
+  if not 0.0 <= t.label_smoothing < 1.0:
+    raise ValueError(f"train.label_smoothing={t.label_smoothing} is not in [0, 1)")
 
 
 def resolve_steps(cfg: ConfigDict, num_records: int) -> None:
@@ -138,9 +131,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   for which in ("train", "eval"):
     if ":" not in cfg.data[which]:  # tfds:NAME and hf:FOLDER name no local path
       cfg.data[which] = os.path.abspath(cfg.data[which])
-  if cfg.train.batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={cfg.train.batch_size} does not divide over "
-                     f"{jax.process_count()} processes")
+  check_train_config(cfg)
   source = prepare.open_split(cfg.data, "train")
   resolve_steps(cfg, len(source))
   if jax.process_index() == 0:
@@ -185,49 +176,130 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
       json.dump(cfg.to_dict(), f, indent=1)
 
   step_sh = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
-      make_train_step(graphdef, tx, schedule, cfg.seed),
-      in_shardings=(param_sh, opt_sh, step_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(param_sh, opt_sh, step_sh, step_sh),
+      step_lib.make_train_step(graphdef, tx, schedule, cfg.seed, cfg.train.accum_steps,
+                               cfg.train.label_smoothing, batch_sh),
+      in_shardings=(param_sh, opt_sh, step_sh, step_sh, batch_sh),
+      out_shardings=(param_sh, opt_sh, step_sh, step_sh, step_sh),
       donate_argnums=(0, 1, 2))
-  writer = writers.create_writer(workdir)
+  writer = writers.create_writer(workdir, start)
   step = jax.device_put(jnp.int32(start), step_sh)
+  always = jax.device_put(jnp.bool_(True), step_sh)
+  healthy = always
   total = cfg.train.steps
   t_log, s_log, wait = time.time(), start, 0.0
   pending = None  # the previous step's metrics, read while this step runs
   last: dict[str, float] = {}
   skipped = 0  # unusable records met by this process's run (data.bad_records=skip)
+  nonfinite = tokens = 0
+  compiled = flops = None
+  peak = flops_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops)
 
   def log(s, metrics):
-    nonlocal t_log, s_log, wait, last, skipped
+    nonlocal t_log, s_log, wait, last, skipped, nonfinite, tokens
     last = {k: float(v) for k, v in jax.device_get(metrics).items()}
     skipped += int(last["train/skipped_records"])
+    tokens += last["train/tokens"]
     writer.write_scalars(s, last)
+    if last["train/nonfinite"]:
+      nonfinite += 1
+      if cfg.train.nonfinite == "stop":
+        _stop_on_nonfinite(s, last)
+      print(f"step {s}: loss {last['train/loss']}, grad norm {last['train/grad_norm']}: "
+            "update skipped (train.nonfinite=skip)", flush=True)
     if s % cfg.train.log_every == 0 or s == total:
       dt = time.time() - t_log
       rate = (s - s_log) / dt
-      writer.write_scalars(s, {"train/steps_per_second": rate,
-                               "train/images_per_second": rate * cfg.train.batch_size,
-                               "train/data_wait_fraction": wait / dt})
+      speed = {"train/steps_per_second": rate, "train/step_time_s": 1.0 / rate,
+               "train/images_per_second": rate * cfg.train.batch_size,
+               "train/tokens_per_second": tokens / dt, "train/data_wait_fraction": wait / dt}
+      if flops:  # XLA's count for one device's share of the step
+        speed["train/tflops_per_device"] = flops * rate / 1e12
+        if peak:
+          speed["train/mfu"] = flops * rate / peak
+      writer.write_scalars(s, speed)
       print(f"step {s}/{total}  loss {last['train/loss']:.4f}  {rate:.2f} steps/s  "
             f"ETA {_eta((total - s) / rate)}" +
-            (f"  ({skipped} unusable records skipped)" if skipped else ""), flush=True)
-      t_log, s_log, wait = time.time(), s, 0.0
+            (f"  ({skipped} unusable records skipped)" if skipped else "") +
+            (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else ""), flush=True)
+      t_log, s_log, wait, tokens = time.time(), s, 0.0, 0
 
-  for s in range(start + 1, total + 1):
-    t0 = time.time()
-    batch = sharding.global_batch(next(data_iter), mesh)
-    wait += time.time() - t0
-    params, opt_state, step, metrics = train_step(params, opt_state, step, batch)
+  def _stop_on_nonfinite(s, metrics):
+    # The step carried healthy=False since step s: the state in hand is the
+    # one after step s - 1. Keep it, with the data position that goes with it.
+    good = s - 1
+    if good > 0 and good not in mngr.all_steps():
+      position = {**data_iter.get_state(), "next_batch": good}
+      checkpoint.save(mngr, good, params, opt_state, position, cfg)
+    mngr.wait_until_finished()
+    data_iter.close()
+    writer.close()
+    kept = f"the state after step {good} is checkpointed" if good > 0 else "nothing to keep"
+    raise step_lib.NonFiniteLoss(
+        f"step {s}: loss {metrics['train/loss']}, gradient norm {metrics['train/grad_norm']} "
+        f"(not finite); {kept} (train.nonfinite=stop; =skip skips such steps)")
+
+  preemption = _Preemption()
+  stopped_at = None
+  try:
+    for s in range(start + 1, total + 1):
+      if preemption.reached(s - 1):
+        stopped_at = s - 1
+        break
+      t0 = time.time()
+      batch = sharding.global_batch(next(data_iter), mesh)
+      wait += time.time() - t0
+      carry = healthy if cfg.train.nonfinite == "stop" else always
+      if compiled is None:  # compiled ahead of the first call, for its FLOP count
+        compiled = train_step.lower(params, opt_state, step, carry, batch).compile()
+        flops = flops_lib.step_flops(compiled)
+      params, opt_state, step, healthy, metrics = compiled(params, opt_state, step, carry, batch)
+      if pending is not None:
+        log(*pending)
+      pending = (s, metrics)
+      if s % cfg.checkpoint.every_steps == 0 or s == total:
+        # The metrics up to the checkpoint reach the disk with it: a run
+        # killed later resumes here and logs only the steps after.
+        log(*pending)
+        pending = None
+        writer.flush()
+        checkpoint.save(mngr, s, params, opt_state, data_iter.get_state(), cfg)
     if pending is not None:
       log(*pending)
-    pending = (s, metrics)
-    if s % cfg.checkpoint.every_steps == 0 or s == total:
-      checkpoint.save(mngr, s, params, opt_state, data_iter, cfg)
-  if pending is not None:
-    log(*pending)
+    if stopped_at is not None and stopped_at > start and stopped_at not in mngr.all_steps():
+      checkpoint.save(mngr, stopped_at, params, opt_state, data_iter.get_state(), cfg)
+  finally:
+    preemption.close()
   mngr.wait_until_finished()
   data_iter.close()
   writer.flush()
   writer.close()
+  if stopped_at is not None:
+    print(f"preempted: checkpoint at step {stopped_at}; run the same command to resume",
+          flush=True)
   return last
+
+
+class _Preemption:
+  """A preemption notice (SIGTERM): the loop checkpoints and returns. Over
+  several processes JAX's preemption service agrees on the step."""
+
+  def __init__(self):
+    self._requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._note)
+
+  def _note(self, signum, frame):
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

@@ -18,13 +18,21 @@ def _plain(v: Any) -> float:
   return float(np.asarray(v))
 
 
-def create_writer(workdir: str):
-  """A CLU MultiWriter: TensorBoard summaries and metrics.jsonl (process 0)."""
+def create_writer(workdir: str, resume_step: int = 0):
+  """A CLU MultiWriter: TensorBoard summaries and metrics.jsonl (process 0).
+  metrics.jsonl keeps no rows past `resume_step`: a run killed after its
+  last checkpoint logs those steps again."""
   from clu import metric_writers  # imports TensorFlow: keep it off import paths
 
   class JsonlWriter(metric_writers.MetricWriter):
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume_step: int):
+      if os.path.exists(path):  # rows past the checkpoint resumed from are retrained
+        with open(path) as f:
+          kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+        with open(path + ".tmp", "w") as f:
+          f.writelines(kept)
+        os.replace(path + ".tmp", path)
       self._file = open(path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -63,5 +71,5 @@ def create_writer(workdir: str):
   os.makedirs(workdir, exist_ok=True)
   return metric_writers.MultiWriter([
       metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step),
   ])

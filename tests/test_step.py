@@ -1,0 +1,88 @@
+"""The train step: accumulation, label smoothing, non-finite steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+from trainer import step as step_lib
+from trainer.models.captioner import Captioner
+from trainer.models.gpt2 import GPT2Config
+from trainer.models.vit import ViTConfig
+
+
+def _model_and_batch(batch=8, k=2, length=7, seed=0):
+  enc = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64, image_size=16, patch_size=8)
+  dec = GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # masks differ per micro-batch
+  graphdef, params = nnx.split(Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(seed)))
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(0, 40, (batch, k, length + 1))
+  lengths = rng.integers(1, length + 1, (batch, k))  # padding differs from row to row
+  mask = (np.arange(length)[None, None] < lengths[..., None]).astype(np.float32)
+  data = {"image": jnp.asarray(rng.integers(0, 256, (batch, 16, 16, 3)), jnp.uint8),
+          "input_ids": jnp.asarray(ids[..., :-1], jnp.int32),
+          "labels": jnp.asarray(ids[..., 1:], jnp.int32),
+          "loss_mask": jnp.asarray(mask), "skipped": jnp.zeros((batch,), jnp.int32)}
+  return graphdef, params, data
+
+
+def _step(graphdef, params, accum=1, smoothing=0.0, tx=None):
+  tx = tx or optax.adamw(1e-2)
+  fn = jax.jit(step_lib.make_train_step(graphdef, tx, optax.constant_schedule(1e-2),
+                                        accum_steps=accum, label_smoothing=smoothing))
+  return fn, tx.init(params)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+  """4 micro-batches of 4 = one batch of 16, padding unequal between them."""
+  graphdef, params, batch = _model_and_batch(batch=16)
+  ok = jnp.bool_(True)
+  outs = []
+  for accum in (1, 4):
+    fn, opt = _step(graphdef, params, accum, tx=optax.sgd(1.0))  # parameters - gradients
+    outs.append(fn(params, opt, jnp.int32(0), ok, batch))
+  (p1, _, _, _, m1), (p4, _, _, _, m4) = outs
+  for key in ("train/loss", "train/grad_norm", "train/tokens"):
+    np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_take_every_kth_row():
+  x = {"a": jnp.arange(8)}
+  np.testing.assert_array_equal(step_lib.micro_batches(x, 2)["a"], [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_matches_pytorch_cross_entropy(smoothing):
+  graphdef, params, batch = _model_and_batch()
+  loss, tokens = step_lib.loss_fn(params, graphdef, batch, label_smoothing=smoothing)
+  logits = np.asarray(nnx.merge(graphdef, params)(batch["image"], batch["input_ids"]))
+  mask = np.asarray(batch["loss_mask"]) > 0
+  want = torch.nn.functional.cross_entropy(
+      torch.from_numpy(logits[mask]), torch.from_numpy(np.asarray(batch["labels"])[mask]).long(),
+      label_smoothing=smoothing)
+  assert float(loss) == pytest.approx(want.item(), rel=1e-5)
+  assert float(tokens) == mask.sum()
+
+
+def test_non_finite_steps_change_nothing():
+  graphdef, params, batch = _model_and_batch()
+  fn, opt = _step(graphdef, params)
+  bad = {**batch, "loss_mask": batch["loss_mask"].at[0, 0, 0].set(jnp.nan)}
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in
+                          zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  p, o, s, healthy, m = fn(params, opt, jnp.int32(0), jnp.bool_(True), bad)
+  assert int(m["train/nonfinite"]) == 1 and not bool(healthy) and int(s) == 1
+  assert same(p, params) and same(o, opt)
+  # train.nonfinite=stop carries healthy=False: later good steps change nothing.
+  p2, _, _, healthy, m = fn(p, o, s, healthy, batch)
+  assert int(m["train/nonfinite"]) == 0 and not bool(healthy) and same(p2, params)
+  # train.nonfinite=skip passes healthy=True: the good step applies.
+  p3, _, _, healthy, _ = fn(p, o, s, jnp.bool_(True), batch)
+  assert bool(healthy) and not same(p3, params)

@@ -1,0 +1,102 @@
+"""The train step: cross-entropy averaged over the non-padding tokens of the
+whole global batch (label smoothing optional), gradient accumulation over
+micro-batches, and a guard that never applies a non-finite update.
+
+Accumulation sums each micro-batch's token losses and token counts and
+divides once at the end, so k micro-batches of B give the step one batch of
+kB would (to float rounding), whatever the padding in each.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class NonFiniteLoss(ValueError):
+  """A step whose loss or gradients were not finite (`train.nonfinite=stop`)."""
+
+
+def token_losses(params, graphdef, batch, key=None, label_smoothing: float = 0.0):
+  """(sum of the per-token losses over non-padding tokens, their count).
+  Dropout (at the config's rates) when `key` is given."""
+  logits = nnx.merge(graphdef, params)(batch["image"], batch["input_ids"], key)
+  labels = batch["labels"]
+  if label_smoothing:
+    # transformers' label smoothing: (1 - e) * NLL + e * mean over the vocabulary of -log p.
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    ce = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  mask = batch["loss_mask"]
+  return (ce * mask).sum(), mask.sum()
+
+
+def loss_fn(params, graphdef, batch, key=None, label_smoothing: float = 0.0):
+  """Mean loss over the batch's non-padding tokens, and their count."""
+  total, tokens = token_losses(params, graphdef, batch, key, label_smoothing)
+  tokens = jnp.maximum(tokens, 1.0)
+  return total / tokens, tokens
+
+
+def micro_batches(batch: dict, k: int, batch_sharding=None) -> dict:
+  """[B, ...] to [k, B/k, ...]. Micro-batch j holds rows j, j+k, j+2k, ...:
+  every device's block of rows contributes to each, so none moves."""
+  out = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+                     batch)
+  if batch_sharding is not None:
+    spec = batch_sharding.spec
+    out = jax.lax.with_sharding_constraint(
+        out, jax.tree.map(lambda x: jax.sharding.NamedSharding(
+            batch_sharding.mesh, jax.sharding.PartitionSpec(None, *spec)), out))
+  return out
+
+
+def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
+                    label_smoothing: float = 0.0, batch_sharding=None):
+  """step(params, opt_state, step, healthy, batch) ->
+  (params, opt_state, step + 1, healthy, metrics).
+
+  A step whose loss or gradient norm is not finite leaves the parameters and
+  optimiser state as they were and reports `train/nonfinite` = 1. `healthy`
+  (a boolean carried from step to step) turns False then and stays False, so
+  later steps change nothing either: a run stopped on it keeps its last good
+  state. Pass `healthy` True each step to skip bad steps instead.
+  """
+  grad_fn = jax.value_and_grad(token_losses, has_aux=True)
+
+  def train_step(params, opt_state, step, healthy, batch):
+    key = jax.random.fold_in(jax.random.key(seed), step)  # dropout: the same on resume
+    if accum_steps == 1:
+      (total, tokens), grads = grad_fn(params, graphdef, batch, key, label_smoothing)
+    else:
+      def one(carry, xs):
+        j, mb = xs
+        (t, n), g = grad_fn(params, graphdef, mb, jax.random.fold_in(key, j), label_smoothing)
+        acc_g, acc_t, acc_n = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_t + t, acc_n + n), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, total, tokens), _ = jax.lax.scan(
+          one, (zeros, jnp.float32(0), jnp.float32(0)),
+          (jnp.arange(accum_steps), micro_batches(batch, accum_steps, batch_sharding)))
+    scale = 1.0 / jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    loss = total * scale
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    apply = ok & healthy
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/learning_rate": schedule(step), "train/tokens": tokens,
+               "train/skipped_records": batch["skipped"].sum(),
+               "train/nonfinite": (~ok).astype(jnp.int32)}
+    return (keep(new_params, params), keep(new_opt, opt_state), step + 1, healthy & ok,
+            metrics)
+
+  return train_step
