@@ -83,8 +83,12 @@ def get_config() -> ConfigDict:
   c.checkpoint = ConfigDict()
   c.checkpoint.every_steps = 250
   c.checkpoint.keep = 2
+  # With eval.every_steps: keep the model scoring highest on this eval metric
+  # (e.g. "cider") in WORKDIR/best; empty: no best model.
+  c.checkpoint.best_metric = ""
 
   c.eval = ConfigDict()
+  c.eval.every_steps = 0  # >0: caption and score the eval split every this many steps
   c.eval.batch_size = 100
   c.eval.max_length = 24  # generated tokens
   c.eval.num_beams = 1  # 1: greedy

@@ -184,3 +184,30 @@ def test_frozen_parameters_do_not_move(prepared, tmp_path):
   assert any(n.startswith("encoder/") for n in names)
   proc = _train(tmp_path / "x", prepared, "--config.train.freeze=^nothing", check=False)
   assert proc.returncode == 1 and "matches no parameter" in proc.stderr
+
+
+def test_periodic_eval_and_the_best_model(prepared, tmp_path):
+  _train(tmp_path, prepared, "--config.train.steps=6", "--config.eval.every_steps=3",
+         "--config.checkpoint.best_metric=cider")
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  evals = {r["step"]: r for r in rows if "eval/cider" in r}
+  assert sorted(evals) == [3, 6] and "eval/bleu4" in evals[6]
+  assert evals[6]["eval/loss"] < evals[3]["eval/loss"]
+  assert evals[6]["eval/perplexity"] == pytest.approx(np.exp(evals[6]["eval/loss"]), rel=1e-5)
+  best = json.loads((tmp_path / "best" / "best.json").read_text())
+  assert best["metric"] == "cider"
+  assert best["value"] == max(evals[s]["eval/cider"] for s in evals)
+  assert os.listdir(tmp_path / "best" / "checkpoints") == [str(best["step"])]
+  page = (tmp_path / "samples.html").read_text()
+  assert page.count("<img src=\"data:image/png;base64,") == 20  # every val image, up to 24
+  latest = json.loads((tmp_path / "eval_metrics.json").read_text())
+  assert latest["step"] == 6 and latest["loss"] == evals[6]["eval/loss"]
+  proc = run_capjax("eval", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "b"))
+  assert json.loads((tmp_path / "b" / "eval_metrics.json").read_text())["step"] == best["step"]
+
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"),
+                                           size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  assert [e.step for e in acc.Tensors("eval/cider")] == [3, 6]
+  assert "eval/samples" in acc.Tags()["tensors"]

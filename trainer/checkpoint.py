@@ -8,11 +8,15 @@ complete checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
+
+from pipeline import atomic
 
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -58,6 +62,37 @@ def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params:
           f"{out.data['next_batch']} of {now}", flush=True)
   data_iter.set_state(out.data)
   return out.params, out.opt_state
+
+
+BEST = "best"  # WORKDIR/best: a run directory of its own, the best model so far
+
+
+def save_best(workdir: str, step: int, params: Any, config: ConfigDict, metric: str,
+              value: float) -> None:
+  """The model scoring highest so far on `metric` into WORKDIR/best (with the
+  tokenizer, so `eval`, `predict` and `export-hf` take it as they take a run)."""
+  import jax
+  best = os.path.join(workdir, BEST)
+  mngr = manager(best, keep=1)
+  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                          config=ocp.args.JsonSave(config.to_dict())),
+            force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  if jax.process_index() == 0:
+    if not os.path.isdir(os.path.join(best, "tokenizer")):
+      shutil.copytree(os.path.join(workdir, "tokenizer"), os.path.join(best, "tokenizer"))
+    atomic.write_text(os.path.join(best, "best.json"),
+                      json.dumps({"step": step, "metric": metric, "value": value}) + "\n")
+
+
+def best_value(workdir: str) -> float | None:
+  """The score of WORKDIR/best, if any (a resumed run keeps beating it)."""
+  path = os.path.join(workdir, BEST, "best.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return float(json.load(f)["value"])
 
 
 def find(path: str) -> tuple[str, int]:

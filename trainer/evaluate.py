@@ -1,18 +1,22 @@
 """`capjax eval`: caption every image of a split and score the captions.
 
-Writes `eval_predictions.jsonl` and `eval_metrics.json` into the run
-directory (each written whole, then renamed into place) and prints samples.
+Writes `eval_predictions.jsonl`, `eval_metrics.json` and `samples.html` (the
+first images with their predicted and reference captions) into the run
+directory, each written whole, then renamed into place, and prints samples.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import html
 import json
 import logging
 import os
 import time
 from typing import Any, Sequence
 
+import cv2
 import jax
 import numpy as np
 
@@ -30,7 +34,15 @@ def evaluate(checkpoint_path: str, split: str | None, out_dir: str | None,
              overrides: Sequence[str] = ()) -> dict[str, Any] | None:
   """Scores a split (default: the config's `data.eval`); process 0 writes into
   `out_dir` (default: the run directory) and returns the metrics, the other
-  processes None.
+  processes None."""
+  return evaluate_model(TrainedCaptioner(checkpoint_path, overrides), split, out_dir)
+
+
+def evaluate_model(model: TrainedCaptioner, split: str | None = None,
+                   out_dir: str | None = None,
+                   extra: dict[str, float] | None = None) -> dict[str, Any] | None:
+  """`evaluate` for a model in hand (a training run's current parameters);
+  `extra` metrics (e.g. the eval loss) are written with the scores.
 
   Every record is captioned exactly once over all processes: each takes a
   contiguous share, and the last batches are padded (the padding masked out),
@@ -39,7 +51,6 @@ def evaluate(checkpoint_path: str, split: str | None, out_dir: str | None,
   """
   from jax.experimental import multihost_utils
 
-  model = TrainedCaptioner(checkpoint_path, overrides)
   cfg = model.cfg
   source = prepare.open_source(split) if split else prepare.open_split(cfg.data, "eval")
   n, procs, me = len(source), jax.process_count(), jax.process_index()
@@ -83,7 +94,7 @@ def evaluate(checkpoint_path: str, split: str | None, out_dir: str | None,
     multihost_utils.sync_global_devices("eval written")
     return None
 
-  metrics = _score_and_write(model, source, tokens, skipped, split, out_dir, seconds)
+  metrics = _score_and_write(model, source, tokens, skipped, split, out_dir, seconds, extra)
   if procs > 1:
     multihost_utils.sync_global_devices("eval written")
   return metrics
@@ -91,7 +102,7 @@ def evaluate(checkpoint_path: str, split: str | None, out_dir: str | None,
 
 def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int]],
                      skipped: dict[int, str], split: str | None, out_dir: str | None,
-                     seconds: float) -> dict[str, Any]:
+                     seconds: float, extra: dict[str, float] | None = None) -> dict[str, Any]:
   cfg = model.cfg
   out_dir = out_dir or model.workdir
   meta = prepare.ids_and_captions(source)
@@ -109,6 +120,7 @@ def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int
     metrics["baseline_cider"] = caption_metrics.score([baseline] * len(refs), refs)["cider"]
   if cfg.eval.content_accuracy:
     metrics["content_accuracy"] = synthetic.content_accuracy(texts, refs)
+  metrics.update(extra or {})
   metrics.update(step=model.step, images=len(texts), skipped_records=len(skipped),
                  processes=jax.process_count(), seconds=round(seconds, 2),
                  split=split or cfg.data.eval)
@@ -121,6 +133,77 @@ def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int
     rows.append(json.dumps(row) + "\n")
   atomic.write_text(os.path.join(out_dir, "eval_predictions.jsonl"), "".join(rows))
   atomic.write_text(os.path.join(out_dir, "eval_metrics.json"), json.dumps(metrics, indent=1) + "\n")
+  shown = order[:HTML_SAMPLES]
+  atomic.write_text(os.path.join(out_dir, "samples.html"),
+                    samples_html(source, shown, preds, meta, metrics))
   metrics["samples"] = [{"id": meta[i][0], "caption": preds[i], "references": meta[i][1]}
                         for i in order[:cfg.eval.num_samples]]
   return metrics
+
+
+HTML_SAMPLES = 24  # images shown in samples.html
+_THUMB = 192  # their size there, in pixels
+
+
+def samples_html(source, indices: Sequence[int], preds: dict[int, str], meta,
+                 metrics: dict[str, Any]) -> str:
+  """A static page: each image with its predicted and reference captions."""
+  def thumb(i):
+    try:
+      img = transforms.decode_and_resize(source[i]["image"], _THUMB, "crop")
+    except transforms.BadImage:
+      return ""
+    ok, png = cv2.imencode(".png", img[:, :, ::-1])
+    return f'<img src="data:image/png;base64,{base64.b64encode(png.tobytes()).decode()}">'
+
+  scores = "  ".join(f"{k} {metrics[k]:.3f}" for k in ("bleu4", "rouge_l", "cider")
+                     if k in metrics)
+  rows = []
+  for i in indices:
+    refs = "".join(f"<li>{html.escape(r)}</li>" for r in meta[i][1])
+    rows.append(f"<tr><td>{thumb(i)}</td><td><b>{html.escape(preds[i])}</b>"
+                f"<ul>{refs}</ul><small>{html.escape(str(meta[i][0]))}</small></td></tr>")
+  return (f"<!doctype html><meta charset=utf-8><title>capjax samples, step {metrics['step']}"
+          f"</title><style>body{{font-family:sans-serif}} td{{vertical-align:top;padding:6px}}"
+          f"</style><h3>Step {metrics['step']}: {html.escape(scores)}</h3><table>"
+          + "".join(rows) + "</table>\n")
+
+
+def eval_loss(params, graphdef, cfg, mesh, tokenizer_dir: str) -> dict[str, float]:
+  """Teacher-forced loss and perplexity over the whole eval split (every
+  record once over all processes, `data.captions_per_image` captions each)."""
+  from trainer import sharding, step as step_lib
+
+  source = prepare.open_split(cfg.data, "eval")
+  d = cfg.model.decoder
+  make_batch = transforms.TrainBatch(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
+                                     cfg.data.captions_per_image, cfg.data.resize,
+                                     cfg.data.resample,
+                                     (d.bos_token_id, d.eos_token_id, d.pad_token_id),
+                                     bad_records=cfg.data.bad_records, seed=cfg.seed)
+  n, procs, me = len(source), jax.process_count(), jax.process_index()
+  share = -(-cfg.eval.batch_size // procs)
+  local_bs = -(-share // jax.local_device_count()) * jax.local_device_count()
+  bounds = [n * q // procs for q in range(procs + 1)]
+  num_batches = -(-max(b - a for a, b in zip(bounds, bounds[1:])) // local_bs)
+  sums = jax.jit(lambda p, b: step_lib.token_losses(p, graphdef, b))
+  total = tokens = 0.0
+  for b in range(num_batches):
+    start = bounds[me] + b * local_bs
+    mine = list(range(start, min(start + local_bs, bounds[me + 1])))
+    batch = make_batch.map([(i, source[i]) for i in mine]) if mine else None
+    padded = {}
+    for key, shape, dtype in (("image", (cfg.data.image_size,) * 2 + (3,), np.uint8),
+                              ("input_ids", (cfg.data.captions_per_image, cfg.data.max_length),
+                               np.int32),
+                              ("labels", (cfg.data.captions_per_image, cfg.data.max_length),
+                               np.int32),
+                              ("loss_mask", (cfg.data.captions_per_image, cfg.data.max_length),
+                               np.float32)):
+      padded[key] = np.zeros((local_bs, *shape), dtype)  # padding rows: no loss
+      if batch is not None:
+        padded[key][:len(mine)] = batch[key]
+    t, k = sums(params, sharding.global_batch(padded, mesh))
+    total, tokens = total + float(t), tokens + float(k)
+  loss = total / max(tokens, 1.0)
+  return {"loss": loss, "perplexity": float(np.exp(loss))}

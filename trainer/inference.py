@@ -21,9 +21,11 @@ from trainer import generate, params as params_lib, sharding
 
 class TrainedCaptioner:
 
-  def __init__(self, checkpoint_path: str, overrides: Sequence[str] = ()):
-    """`overrides`: `config.KEY=VALUE` strings applied to the checkpoint's config."""
-    r = params_lib.restore(checkpoint_path, overrides)
+  def __init__(self, checkpoint_path: str | params_lib.Restored, overrides: Sequence[str] = ()):
+    """A checkpoint (`overrides`: `config.KEY=VALUE` strings applied to its
+    config), or a model in memory (a run evaluating itself)."""
+    r = checkpoint_path if isinstance(checkpoint_path, params_lib.Restored) else \
+        params_lib.restore(checkpoint_path, overrides)
     self.workdir, self.step, self.cfg, self.mesh, self.params = (
         r.workdir, r.step, r.cfg, r.mesh, r.params)
     cfg = r.cfg

@@ -104,6 +104,10 @@ def check_train_config(cfg: ConfigDict) -> None:
     re.compile(t.freeze)
   except re.error as e:
     raise ValueError(f"train.freeze={t.freeze!r}: not a regular expression ({e})") from None
+  if cfg.checkpoint.best_metric and (cfg.checkpoint.best_metric not in EVAL_SCALARS
+                                     or not cfg.eval.every_steps):
+    raise ValueError(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r} needs "
+                     f"eval.every_steps > 0 and one of {', '.join(EVAL_SCALARS)}")
   if not 0.0 <= t.label_smoothing < 1.0:
     raise ValueError(f"train.label_smoothing={t.label_smoothing} is not in [0, 1)")
 
@@ -115,6 +119,11 @@ def resolve_steps(cfg: ConfigDict, num_records: int) -> None:
     cfg.train.steps = math.ceil(cfg.train.epochs * num_records / cfg.train.batch_size)
   if cfg.train.steps < 1:
     raise ValueError(f"config.train.steps={cfg.train.steps}: set steps or epochs above 0")
+
+
+# Scores of the periodic evaluation logged as eval/NAME.
+EVAL_SCALARS = ("loss", "perplexity", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider",
+                "content_accuracy")
 
 
 def _eta(seconds: float) -> str:
@@ -240,6 +249,37 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
         f"step {s}: loss {metrics['train/loss']}, gradient norm {metrics['train/grad_norm']} "
         f"(not finite); {kept} (train.nonfinite=stop; =skip skips such steps)")
 
+  evaluator = None  # the run's own model, for periodic evaluation
+  best = checkpoint.best_value(workdir)
+
+  def periodic_eval(s):
+    nonlocal evaluator, best
+    from trainer import evaluate
+    from trainer.inference import TrainedCaptioner
+    if evaluator is None:
+      evaluator = TrainedCaptioner(params_lib.Restored(workdir, s, cfg, mesh, graphdef, params,
+                                                       param_sh))
+    evaluator.params, evaluator.step = params, s
+    teacher_forced = evaluate.eval_loss(params, graphdef, cfg, mesh, tokenizer_dir)
+    m = evaluate.evaluate_model(evaluator, extra=teacher_forced)
+    if m is not None:
+      scores = {f"eval/{k}": m[k] for k in EVAL_SCALARS if k in m}
+      writer.write_scalars(s, scores)
+      writer.write_texts(s, {"eval/samples": "\n\n".join(
+          f"**{x['caption']}**  \n" + "  \n".join(x["references"][:2]) for x in m["samples"])})
+      print(f"step {s}: eval " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()),
+            flush=True)
+    key = cfg.checkpoint.best_metric
+    if key:
+      value = float(m[key]) if m is not None else 0.0
+      if jax.process_count() > 1:  # process 0 scored; all save together
+        from jax.experimental import multihost_utils
+        value = float(multihost_utils.broadcast_one_to_all(jnp.float32(value)))
+      lower_is_better = key in ("loss", "perplexity")
+      if best is None or (value < best if lower_is_better else value > best):
+        best = value
+        checkpoint.save_best(workdir, s, params, cfg, key, value)
+
   preemption = _Preemption()
   stopped_at = None
   try:
@@ -265,6 +305,8 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
         pending = None
         writer.flush()
         checkpoint.save(mngr, s, params, opt_state, data_iter.get_state(), cfg)
+      if cfg.eval.every_steps and (s % cfg.eval.every_steps == 0 or s == total):
+        periodic_eval(s)
     if pending is not None:
       log(*pending)
     if stopped_at is not None and stopped_at > start and stopped_at not in mngr.all_steps():
