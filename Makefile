@@ -37,4 +37,4 @@ test: $(STAMP)
 	$(BIN)/pytest -q tests
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs bench/.seed-venv

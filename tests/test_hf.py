@@ -1,7 +1,6 @@
 """capjax's model against Hugging Face's PyTorch implementation: import,
 export and the function they compute, on tiny random models built here."""
 
-import json
 import os
 
 import jax

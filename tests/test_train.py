@@ -202,7 +202,7 @@ def test_periodic_eval_and_the_best_model(prepared, tmp_path):
   assert page.count("<img src=\"data:image/png;base64,") == 20  # every val image, up to 24
   latest = json.loads((tmp_path / "eval_metrics.json").read_text())
   assert latest["step"] == 6 and latest["loss"] == evals[6]["eval/loss"]
-  proc = run_capjax("eval", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "b"))
+  run_capjax("eval", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "b"))
   assert json.loads((tmp_path / "b" / "eval_metrics.json").read_text())["step"] == best["step"]
 
   from tensorboard.backend.event_processing import event_accumulator

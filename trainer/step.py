@@ -9,10 +9,15 @@ kB would (to float rounding), whatever the padding in each.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
 
 class NonFiniteLoss(ValueError):
@@ -100,3 +105,46 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
             metrics)
 
   return train_step
+
+
+@dataclasses.dataclass
+class Setup:
+  """A run's sharded train state and step, compiled for its mesh."""
+  graphdef: Any
+  abs_params: Any
+  param_sh: Any
+  abs_opt: Any
+  opt_sh: Any
+  tx: optax.GradientTransformation
+  init: Callable[[], tuple[Any, Any]]  # fresh (params, opt_state), created sharded
+  train_step: Any  # jitted; donates params, opt_state and step
+
+
+def setup(cfg: ConfigDict, mesh: Mesh) -> Setup:
+  """The model's abstract shapes first, then jitted initialisation straight
+  into their shardings (no full copy on any host) and the jitted step with
+  explicit in and out shardings."""
+  from trainer import optim, params as params_lib, sharding
+  from trainer.models.captioner import build_captioner
+
+  graphdef, abs_params, param_sh = params_lib.abstract_model(cfg, mesh)
+  tx = optim.optimizer(cfg.train)
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  # Optimiser moments shard like their parameters; counts and the like replicate.
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+                                 transform_non_params=lambda _: sharding.replicated(mesh))
+
+  def init():
+    params = nnx.state(build_captioner(cfg.model, cfg.seed))
+    return params, tx.init(params)
+
+  step_sh = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, optim.schedule(cfg.train), cfg.seed, cfg.train.accum_steps,
+                      cfg.train.label_smoothing, batch_sh),
+      in_shardings=(param_sh, opt_sh, step_sh, step_sh, batch_sh),
+      out_shardings=(param_sh, opt_sh, step_sh, step_sh, step_sh),
+      donate_argnums=(0, 1, 2))
+  return Setup(graphdef, abs_params, param_sh, abs_opt, opt_sh, tx,
+               jax.jit(init, out_shardings=(param_sh, opt_sh)), train_step)

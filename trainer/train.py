@@ -20,14 +20,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
 from ml_collections import ConfigDict
 
 from pipeline import loader, prepare, tokenizer as tokenizer_lib, transforms
-from trainer import checkpoint, config as config_lib, optim, sharding, writers
+from trainer import checkpoint, config as config_lib, sharding, writers
 from trainer import flops as flops_lib, params as params_lib, step as step_lib
-from trainer.models.captioner import build_captioner
 
 
 def prepare_tokenizer(cfg: ConfigDict, workdir: str):
@@ -149,17 +146,8 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
           f"{cfg.train.steps * cfg.train.batch_size / len(source):.2f} epochs", flush=True)
   _, tokenizer_dir = prepare_tokenizer(cfg, workdir)
   mesh = sharding.make_mesh(cfg.mesh)
-  graphdef, abs_params, param_sh = params_lib.abstract_model(cfg, mesh)
-  tx = optim.optimizer(cfg.train)
-  schedule = optim.schedule(cfg.train)
-  abs_opt = jax.eval_shape(tx.init, abs_params)
-  # Optimiser moments shard like their parameters; counts and the like replicate.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
-                                 transform_non_params=lambda _: sharding.replicated(mesh))
-
-  def init():
-    params = nnx.state(build_captioner(cfg.model, cfg.seed))
-    return params, tx.init(params)
+  setup = step_lib.setup(cfg, mesh)
+  graphdef, param_sh, opt_sh, tx = setup.graphdef, setup.param_sh, setup.opt_sh, setup.tx
 
   data_iter = iter(make_loader(cfg, source, tokenizer_dir))
   mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
@@ -172,12 +160,12 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     print(f"starting from the parameters of {src} (step {src_step})", flush=True)
     start = 0
   elif start is None:
-    params, opt_state = jax.jit(init, out_shardings=(param_sh, opt_sh))()
+    params, opt_state = setup.init()
     start = 0
   else:
     params, opt_state = checkpoint.restore_train_state(
-        mngr, start, sharding.with_shardings(abs_params, param_sh),
-        sharding.with_shardings(abs_opt, opt_sh), data_iter)
+        mngr, start, sharding.with_shardings(setup.abs_params, param_sh),
+        sharding.with_shardings(setup.abs_opt, opt_sh), data_iter)
     logging.info("resumed from step %d", start)
     print(f"resuming from the checkpoint at step {start}", flush=True)
   if jax.process_index() == 0:
@@ -185,13 +173,7 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
       json.dump(cfg.to_dict(), f, indent=1)
 
   step_sh = sharding.replicated(mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      step_lib.make_train_step(graphdef, tx, schedule, cfg.seed, cfg.train.accum_steps,
-                               cfg.train.label_smoothing, batch_sh),
-      in_shardings=(param_sh, opt_sh, step_sh, step_sh, batch_sh),
-      out_shardings=(param_sh, opt_sh, step_sh, step_sh, step_sh),
-      donate_argnums=(0, 1, 2))
+  train_step = setup.train_step
   writer = writers.create_writer(workdir, start)
   step = jax.device_put(jnp.int32(start), step_sh)
   always = jax.device_put(jnp.bool_(True), step_sh)

@@ -96,7 +96,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   probabilities when `key` is given. Returns [N, Lq, H*d].
   """
   n, lq, h, d = q.shape
-  b, lk = k.shape[0], k.shape[2]
+  b = k.shape[0]
   g = n // b
   qg = q.reshape(b, g, lq, h, d).transpose(0, 3, 1, 2, 4).reshape(b, h, g * lq, d)
   scores = jnp.einsum("bhqd,bhkd->bhqk", qg, k).astype(jnp.float32) / math.sqrt(d)
