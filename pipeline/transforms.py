@@ -247,6 +247,14 @@ class TrainBatch(grain.transforms.Map):
     self._lock = threading.Lock()
     self._reported = 0
 
+  @classmethod
+  def from_config(cls, cfg, tokenizer_dir: str, random_crops: bool = True) -> "TrainBatch":
+    """As a run's config (`data`, the decoder's special ids, `seed`) asks."""
+    d, dec = cfg.data, cfg.model.decoder
+    return cls(d.image_size, tokenizer_dir, d.max_length, d.captions_per_image, d.resize,
+               d.resample, (dec.bos_token_id, dec.eos_token_id, dec.pad_token_id),
+               d.crop_scale if random_crops else 0.0, d.bad_records, cfg.seed)
+
   def __getstate__(self):
     return {**self.__dict__, "_tok": None, "_lock": None}
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from pipeline import atomic, prepare, synthetic, transforms
-from trainer import caption_metrics, generate
+from trainer import caption_metrics, generate, sharding
 from trainer.inference import TrainedCaptioner
 
 
@@ -53,10 +53,8 @@ def evaluate_model(model: TrainedCaptioner, split: str | None = None,
 
   cfg = model.cfg
   source = prepare.open_source(split) if split else prepare.open_split(cfg.data, "eval")
-  n, procs, me = len(source), jax.process_count(), jax.process_index()
-  local_bs = model.local_batch_size(cfg.eval.batch_size)
-  bounds = [n * q // procs for q in range(procs + 1)]
-  num_batches = -(-max(b - a for a, b in zip(bounds, bounds[1:])) // local_bs)
+  procs, me = jax.process_count(), jax.process_index()
+  local_bs, bounds, num_batches = _shares(len(source), cfg.eval.batch_size)
   size = cfg.data.image_size
   t0 = time.time()
   tokens: dict[int, list[int]] = {}
@@ -98,6 +96,15 @@ def evaluate_model(model: TrainedCaptioner, split: str | None = None,
   if procs > 1:
     multihost_utils.sync_global_devices("eval written")
   return metrics
+
+
+def _shares(n: int, global_batch: int) -> tuple[int, list[int], int]:
+  """(rows a process feeds per batch, each process's contiguous share of the
+  n records as bounds, batches to cover the largest share)."""
+  local_bs = sharding.local_batch_size(global_batch)
+  procs = jax.process_count()
+  bounds = [n * q // procs for q in range(procs + 1)]
+  return local_bs, bounds, -(-max(b - a for a, b in zip(bounds, bounds[1:])) // local_bs)
 
 
 def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int]],
@@ -172,20 +179,12 @@ def samples_html(source, indices: Sequence[int], preds: dict[int, str], meta,
 def eval_loss(params, graphdef, cfg, mesh, tokenizer_dir: str) -> dict[str, float]:
   """Teacher-forced loss and perplexity over the whole eval split (every
   record once over all processes, `data.captions_per_image` captions each)."""
-  from trainer import sharding, step as step_lib
+  from trainer import step as step_lib
 
   source = prepare.open_split(cfg.data, "eval")
-  d = cfg.model.decoder
-  make_batch = transforms.TrainBatch(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
-                                     cfg.data.captions_per_image, cfg.data.resize,
-                                     cfg.data.resample,
-                                     (d.bos_token_id, d.eos_token_id, d.pad_token_id),
-                                     bad_records=cfg.data.bad_records, seed=cfg.seed)
-  n, procs, me = len(source), jax.process_count(), jax.process_index()
-  share = -(-cfg.eval.batch_size // procs)
-  local_bs = -(-share // jax.local_device_count()) * jax.local_device_count()
-  bounds = [n * q // procs for q in range(procs + 1)]
-  num_batches = -(-max(b - a for a, b in zip(bounds, bounds[1:])) // local_bs)
+  make_batch = transforms.TrainBatch.from_config(cfg, tokenizer_dir, random_crops=False)
+  me = jax.process_index()
+  local_bs, bounds, num_batches = _shares(len(source), cfg.eval.batch_size)
   sums = jax.jit(lambda p, b: step_lib.token_losses(p, graphdef, b))
   total = tokens = 0.0
   for b in range(num_batches):

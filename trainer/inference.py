@@ -38,12 +38,6 @@ class TrainedCaptioner:
         r.shardings, sharding.batch_sharding(self.mesh))
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
-  def local_batch_size(self, global_size: int) -> int:
-    """Rows this process feeds per batch: its share of `global_size`, rounded
-    up to a multiple of its devices."""
-    share = -(-global_size // jax.process_count())
-    return -(-share // jax.local_device_count()) * jax.local_device_count()
-
   def decode(self, encoded: Sequence[bytes]) -> list[np.ndarray | transforms.BadImage]:
     """Each image at the model's input size, or the BadImage it raised."""
     d = self.cfg.data
@@ -76,7 +70,7 @@ class TrainedCaptioner:
       for (name, _), img in zip(batch, imgs):
         if isinstance(img, transforms.BadImage):
           raise transforms.BadImage(f"{name}: {img}")
-      size = self.local_batch_size(max(self.cfg.eval.batch_size, len(imgs)))
+      size = sharding.local_batch_size(max(self.cfg.eval.batch_size, len(imgs)))
       padded = np.zeros((size, *imgs[0].shape), np.uint8)  # one compiled shape
       padded[:len(imgs)] = imgs
       ids = self.generate(padded)[:len(imgs)]

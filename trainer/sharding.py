@@ -87,6 +87,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def local_batch_size(global_size: int) -> int:
+  """Rows this process feeds per batch: its share of `global_size`, rounded
+  up to a multiple of its devices."""
+  share = -(-global_size // jax.process_count())
+  return -(-share // jax.local_device_count()) * jax.local_device_count()
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's share of the batch to global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)

@@ -76,12 +76,7 @@ def make_loader(cfg: ConfigDict, source: Any, tokenizer_dir: str) -> loader.Batc
   from absl import flags
   if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags
     flags.FLAGS.mark_as_parsed()
-  d = cfg.model.decoder
-  make_batch = transforms.TrainBatch(cfg.data.image_size, tokenizer_dir, cfg.data.max_length,
-                                   cfg.data.captions_per_image, cfg.data.resize,
-                                   cfg.data.resample,
-                                   (d.bos_token_id, d.eos_token_id, d.pad_token_id),
-                                   cfg.data.crop_scale, cfg.data.bad_records, cfg.seed)
+  make_batch = transforms.TrainBatch.from_config(cfg, tokenizer_dir)
   return loader.train_stream(source, make_batch, cfg.train.batch_size, cfg.seed,
                              jax.process_index(), jax.process_count(),
                              cfg.data.worker_count, cfg.data.prefetch)
