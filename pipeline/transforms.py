@@ -293,9 +293,12 @@ class TrainBatch(grain.transforms.Map):
     order = rng.permutation(len(caps))
     return [caps[order[i % len(caps)]] for i in range(self.captions_per_image)]
 
-  def map(self, elements: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, np.ndarray]:
+  def map(self, elements: Sequence[tuple[int, dict[str, Any]]],
+          images: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The batch; its images decoded into `images` [n, S, S, 3] if given."""
     n, k, size = len(elements), self.captions_per_image, self.image_size
-    images = np.empty((n, size, size, 3), np.uint8)
+    if images is None:
+      images = np.empty((n, size, size, 3), np.uint8)
     skipped = np.zeros((n,), np.int32)
     used = np.zeros((n,), np.int64)  # captions that carry loss, per example
     texts: list[str] = []

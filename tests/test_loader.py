@@ -1,11 +1,17 @@
 """The training stream: deterministic, resumable to the batch, the same
 global batches whatever the number of processes."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
 from pipeline import loader, prepare, tokenizer, transforms
-from tests.conftest import TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG
 from trainer import config, train
 
 
@@ -98,6 +104,72 @@ def test_examples_are_the_same_however_the_work_is_split(prepared, tmp_path):
     for key in whole[k]:
       np.testing.assert_array_equal(whole[k][key], np.concatenate([a[key], b[key]]), err_msg=key)
   assert whole[0]["input_ids"].shape == (8, 2, 12) and whole[0]["skipped"].shape == (8,)
+
+
+def _ring_files() -> set[str]:
+  return {f for f in os.listdir("/dev/shm")} if os.path.isdir("/dev/shm") else set()
+
+
+def test_worker_images_come_through_the_ring_unchanged(prepared, tmp_path):
+  """One worker, three slots, twelve batches: every slot reused several
+  times, and every batch as the in-process stream builds it."""
+  tok_dir = str(tmp_path / "tok")
+  tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
+  src = prepare.open_source(prepared["train"])
+  make_batch = transforms.TrainBatch(32, tok_dir, 12, 2, crop_scale=0.5, seed=2)
+  before = _ring_files()
+  worker = loader.train_stream(src, make_batch, 8, 3, workers=1, prefetch=1)
+  threads = loader.train_stream(src, make_batch, 8, 3)
+  want = [next(threads) for _ in range(12)]
+  got = [next(worker) for _ in range(12)]
+  assert worker._ring is not None and worker._ring.slots == 3
+  ring_file = os.path.basename(worker._ring.path)
+  assert ring_file in _ring_files() - before
+  for a, b in zip(want, got):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  worker.close()
+  assert ring_file not in _ring_files()  # removed with the stream
+
+
+def test_ring_removed_when_the_process_is_killed(tmp_path):
+  """The slots live in /dev/shm: a SIGKILLed run must not leave them."""
+  code = ("from pipeline import loader; import sys, time\n"
+          "r = loader.ImageRing(4, (2, 8, 8, 3), 0)\n"
+          "print(r.path, flush=True); time.sleep(60)\n")
+  proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  path = proc.stdout.readline().strip()
+  assert os.path.exists(path)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  deadline = time.time() + 20
+  while os.path.exists(path) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not os.path.exists(path)
+
+
+def test_no_room_for_the_ring_falls_back_to_grain(prepared, tmp_path, monkeypatch, caplog):
+  tok_dir = str(tmp_path / "tok")
+  tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
+  src = prepare.open_source(prepared["train"])
+  make_batch = transforms.TrainBatch(32, tok_dir, 12, 1, seed=2)
+  before = _ring_files()
+
+  def full(fd, offset, length):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "posix_fallocate", full)
+  stream = loader.train_stream(src, make_batch, 8, 3, workers=1)
+  got = [next(stream) for _ in range(2)]
+  stream.close()
+  assert "image ring not made" in caplog.text and "No space left" in caplog.text
+  assert _ring_files() == before  # nothing left behind
+  threads = loader.train_stream(src, make_batch, 8, 3)
+  for a in got:
+    b = next(threads)
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_train_epochs_sets_the_steps():
