@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +60,13 @@ def test_train_writes_metrics_checkpoints_and_events(run_10_steps):
 
 def test_second_run_resumes_where_the_first_stopped(prepared, run_10_steps, tmp_path):
   _train(tmp_path, prepared, "--config.train.steps=6")
+  # A save of step 8 that the process did not live to finish: Orbax's
+  # temporary folder, half its files written.
+  half = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1764500000"
+  shutil.copytree(tmp_path / "checkpoints" / "6", half)
+  for f in sorted(half.rglob("*"))[::2]:
+    if f.is_file():
+      f.unlink()
   proc = _train(tmp_path, prepared, "--config.train.steps=10")
   assert "resuming from the checkpoint at step 6" in proc.stdout
   rows = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")
