@@ -48,11 +48,9 @@ class GlobalOrder(grain.MapDataset):
     self._source = source
     self._seed = seed
     self._n = len(source)
-    self._global = global_batch
-    self._share = global_batch // process_count
-    self._offset = process_index * self._share
     self.global_batch = global_batch
-    self.share = self._share
+    self.share = global_batch // process_count  # this process's rows of each batch
+    self._offset = process_index * self.share
     self._orders: dict[int, np.ndarray] = {}
     self._big = grain.MapDataset.range(self._n).shuffle(seed=seed % 2**32)
 
@@ -78,8 +76,8 @@ class GlobalOrder(grain.MapDataset):
   def __getitem__(self, k):
     if isinstance(k, slice):
       return self.slice(k)
-    first = k * self._global + self._offset
-    places = range(first, first + self._share)
+    first = k * self.global_batch + self._offset
+    places = range(first, first + self.share)
     indices = [self.record_index(g) for g in places]
     # Sources on remote storage (TFDS's) read a batch in parallel; local
     # files are faster one by one.
@@ -135,16 +133,20 @@ class ImageRing:
   def __getstate__(self):
     return {**self.__dict__, "_map": None, "_shm": None}
 
-  @property
-  def header(self) -> np.ndarray:
+  def _mapped(self) -> np.ndarray:
+    """The file's bytes, mapped on first use in each process."""
     if self._map is None:
       self._map = np.memmap(self.path, np.uint8, "r+")
-    return self._map[:self.slots * 8].view(np.int64)
+    return self._map
+
+  @property
+  def header(self) -> np.ndarray:
+    return self._mapped()[:self.slots * 8].view(np.int64)
 
   def _slot(self, k: int) -> tuple[int, np.ndarray]:
     s = (k - self.first) % self.slots
     start = self.HEADER + s * self.slot_bytes
-    return s, self._map[start:start + self.slot_bytes].reshape(self.shape)
+    return s, self._mapped()[start:start + self.slot_bytes].reshape(self.shape)
 
   def acquire(self, k: int) -> np.ndarray:
     """(worker) Batch k's slot, once the main process has freed it."""

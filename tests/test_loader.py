@@ -107,7 +107,7 @@ def test_examples_are_the_same_however_the_work_is_split(prepared, tmp_path):
 
 
 def _ring_files() -> set[str]:
-  return {f for f in os.listdir("/dev/shm")} if os.path.isdir("/dev/shm") else set()
+  return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
 def test_worker_images_come_through_the_ring_unchanged(prepared, tmp_path):

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from pipeline import atomic
+
 
 def _plain(v: Any) -> float:
   return float(np.asarray(v))
@@ -30,9 +32,7 @@ def create_writer(workdir: str, resume_step: int = 0):
       if os.path.exists(path):  # rows past the checkpoint resumed from are retrained
         with open(path) as f:
           kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-        with open(path + ".tmp", "w") as f:
-          f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        atomic.write_text(path, "".join(kept))
       self._file = open(path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
