@@ -21,6 +21,7 @@ setup(
         "evaluate>=0.4.6,<0.5",
         "nltk>=3.9,<4",
         "rouge-score>=0.1.2,<0.2",
+        "regex>=2024.4",  # the PTB tokenizer: Unicode classes, longest (POSIX) matches
         "Pillow>=11,<14",
         "simplejpeg>=1.8,<2",
         "opencv-python-headless>=4.10,<6",

@@ -1,8 +1,10 @@
+import json
+
 import pytest
 
 from tests.conftest import run_capjax
 
-COMMANDS = ["prepare", "train", "eval", "predict", "import-hf", "export-hf"]
+COMMANDS = ["prepare", "train", "eval", "predict", "metrics", "import-hf", "export-hf"]
 
 
 @pytest.mark.parametrize("command", [None] + COMMANDS)
@@ -21,6 +23,8 @@ def test_help(command):
     (["train", "--config", "no_such_config", "--workdir", "/tmp/x"], "no_such_config"),
     (["export-hf", "/no/such/run", "--out", "/tmp/x"], "/no/such/run"),
     (["import-hf", "--encoder", "/no/such/vit", "--out", "/tmp/x"], "/no/such/vit"),
+    (["metrics", "--predictions", "/no/such.jsonl", "--references", "/no/refs.json"],
+     "/no/such.jsonl"),
     (["train", "--config", "demo", "--workdir", "/tmp/x", "--config.train.nope=1"],
      "config.train.nope"),
 ])
@@ -29,3 +33,35 @@ def test_bad_input_is_one_line_and_nonzero(args, words):
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and words in lines[0], proc.stderr
+
+
+def test_metrics_scores_prediction_files(tmp_path):
+  from trainer import caption_metrics
+
+  preds = tmp_path / "p.jsonl"
+  preds.write_text('{"image": "val/a.jpg", "caption": "A man riding a wave."}\n'
+                   '{"image": "val/b.jpg", "caption": "two dogs in the snow"}\n')
+  refs = {"a.jpg": ["A surfer rides a big wave.", "a man on a surfboard"],
+          "b.jpg": ["Two dogs play in the snow.", "dogs running through snow"]}
+  coco = tmp_path / "captions.json"
+  coco.write_text(json.dumps({
+      "images": [{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.jpg"}],
+      "annotations": [{"image_id": 7 if k == "a.jpg" else 9, "caption": c}
+                      for k, cs in refs.items() for c in cs]}))
+  plain = tmp_path / "refs.json"
+  plain.write_text(json.dumps(refs))
+  want = caption_metrics.score(["A man riding a wave.", "two dogs in the snow"], list(refs.values()))
+  for ref_file in (coco, plain):
+    out = tmp_path / "scores.json"
+    proc = run_capjax("metrics", "--predictions", str(preds), "--references", str(ref_file),
+                      "--no-meteor", "--rouge-score", "--out", str(out))
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == got
+    assert got["images"] == 2 and set(got) >= {"rouge1", "rouge2", "rouge_lsum"}
+    for k, v in want.items():
+      assert got[k] == pytest.approx(v, abs=1e-12)
+  # an image of the references without a prediction is an error, not a smaller score
+  plain.write_text(json.dumps({**refs, "c.jpg": ["a cat"]}))
+  proc = run_capjax("metrics", "--predictions", str(preds), "--references", str(plain),
+                    "--no-meteor", check=False)
+  assert proc.returncode == 1 and "no prediction for 1 image(s)" in proc.stderr

@@ -1,4 +1,4 @@
-"""The `capjax` command: prepare, train, eval, predict, import-hf, export-hf.
+"""The `capjax` command: prepare, train, eval, predict, metrics, import-hf, export-hf.
 
 Configs are Python files (`--config configs/demo.py`, or a name from
 `configs/`), overridden with `--config.KEY=VALUE`. Bad input ends the command
@@ -106,6 +106,23 @@ def _parser() -> argparse.ArgumentParser:
                  "config's eval.max_length)")
   s.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this "
                  "size (default: the config's eval.no_repeat_ngram_size; 0 is off)")
+
+  s = sub.add_parser("metrics", help="score caption predictions against references (COCO "
+                     "caption evaluation), to JSON",
+                     description="Prints one JSON object: bleu1..bleu4, rouge_l and cider as the "
+                     "COCO caption evaluation (pycocoevalcap) computes them, tokenization "
+                     "included, and meteor where Java and pycocoevalcap are installed (listed "
+                     "under `skipped` otherwise). Every reference image needs exactly one "
+                     "prediction.")
+  s.add_argument("--predictions", required=True, help="JSONL with `image` and `caption` per "
+                 "line, as `predict` writes it")
+  s.add_argument("--references", required=True, help="COCO caption annotations JSON (images "
+                 "matched by id or file name) or a JSON object {image: [captions]}")
+  s.add_argument("--no-meteor", action="store_true", help="do not compute METEOR (it runs "
+                 "pycocoevalcap's Java jar)")
+  s.add_argument("--rouge-score", action="store_true", help="also ROUGE-1, ROUGE-2 and "
+                 "ROUGE-Lsum x100 through rouge_score, as the old Flax script reported them")
+  s.add_argument("--out", help="also write the JSON object to this file")
 
   s = sub.add_parser("import-hf", help="a Hugging Face ViT + GPT-2 checkpoint to a capjax run directory",
                      description="Reads a VisionEncoderDecoderModel folder (HF_DIR), or a ViT "
@@ -225,6 +242,21 @@ def _predict(args, overrides) -> int:
   return 0
 
 
+def _metrics(args, overrides) -> int:
+  from pipeline import atomic
+  from trainer import score_files
+
+  if overrides:
+    raise ValueError("metrics takes no --config overrides")
+  scores = score_files.score_files(args.predictions, args.references, not args.no_meteor,
+                                   args.rouge_score)
+  text = json.dumps(scores)
+  if args.out:
+    atomic.write_text(args.out, text + "\n")
+  print(text)
+  return 0
+
+
 def _import_hf(args, overrides) -> int:
   from trainer import hf_import
 
@@ -267,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.command == "prepare":
       return _prepare(args)
-    commands = {"train": _train, "eval": _eval, "predict": _predict,
+    commands = {"train": _train, "eval": _eval, "predict": _predict, "metrics": _metrics,
                 "import-hf": _import_hf, "export-hf": _export_hf}
     return commands[args.command](args, overrides)
   except (OSError, ValueError, KeyError) as e:

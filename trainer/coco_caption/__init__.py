@@ -1,0 +1,11 @@
+"""capjax's COCO caption metrics as a Hugging Face `evaluate` module, loaded
+from this folder without a hub:
+
+  import evaluate, trainer.coco_caption
+  metric = evaluate.load(trainer.coco_caption.PATH)
+  metric.compute(predictions=["a dog"], references=[["A dog runs.", "a brown dog"]])
+"""
+
+import os
+
+PATH = os.path.dirname(os.path.abspath(__file__))
