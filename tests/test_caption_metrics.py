@@ -103,6 +103,8 @@ def test_perfect_caption_scores_high():
 def test_an_image_without_references_is_an_error():
   with pytest.raises(ValueError, match="image 1 has no reference captions"):
     caption_metrics.score(["a", "b"], [["a"], []])
+  with pytest.raises(ValueError, match="no captions to score"):
+    caption_metrics.score([], [])
 
 
 def test_rouge_score_metrics_by_hand():

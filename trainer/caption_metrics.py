@@ -11,6 +11,7 @@ old Flax script reported them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import shutil
@@ -33,6 +34,8 @@ class _Corpus:
   image) as word ids, and the ids and counts of their n-grams."""
 
   def __init__(self, hyps: Sequence[str], refs: Sequence[Sequence[str]], split):
+    if not len(hyps):
+      raise ValueError("no captions to score")
     if len(hyps) != len(refs):
       raise ValueError(f"{len(hyps)} predictions for {len(refs)} reference sets")
     empty = [i for i, rs in enumerate(refs) if not len(rs)]
@@ -50,11 +53,12 @@ class _Corpus:
     self.lengths = np.array([len(s) for s in sentences])
     self.vocab = max(len(vocab), 1)
     self.words = flat
-    self.sentence = np.repeat(np.arange(len(sentences)), self.lengths)
-    self.ngrams = self._ngrams(flat)
 
-  def _ngrams(self, flat):
+  @functools.cached_property
+  def ngrams(self):
     """Per order n: (sentence, n-gram id, count) of every distinct n-gram."""
+    flat = self.words
+    sentence = np.repeat(np.arange(len(self.lengths)), self.lengths)
     end = np.repeat(np.cumsum(self.lengths), self.lengths)
     pos = np.arange(len(flat))
     out, ids, size = [], flat, self.vocab
@@ -68,7 +72,7 @@ class _Corpus:
         ids[ok] = inv
         size = max(len(uniq), 1)
       ok = ids >= 0
-      pair, counts = np.unique(self.sentence[ok] * size + ids[ok], return_counts=True)
+      pair, counts = np.unique(sentence[ok] * size + ids[ok], return_counts=True)
       out.append((pair // size, pair % size, counts, size))
     return out
 

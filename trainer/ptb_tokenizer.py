@@ -72,7 +72,7 @@ def _chunk(chunk: str) -> tuple[str, ...] | None:
     if not letters:
       return None
     if clitic[0] in "nN":  # do n't, ca n't: the word may not end in n
-      if len(word) < 1 or word[-1] in "nN":
+      if word[-1] in "nN":
         return None
       return (word.lower(), "n't") + ((punct,) if punct else ())
     return (word.lower(), clitic.lower()) + ((punct,) if punct else ())
