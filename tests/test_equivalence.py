@@ -1,4 +1,4 @@
-"""One config, the same numbers however it is laid out: 10 steps of the demo
+"""One config, the same numbers however it is laid out: 20 steps of the demo
 model give the same per-step losses on 1 device, on 8 devices as data=8 and
 as data=2 fsdp=2 tensor=2, and on 2 processes x 4 devices."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_capjax, run_local
 
-STEPS = 10
+STEPS = 20
 
 
 def _args(prepared, workdir, *extra):

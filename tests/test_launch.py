@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TINY_CONFIG, run_capjax, run_local
 
 
@@ -98,3 +100,122 @@ def test_preemption_of_two_processes_checkpoints_one_step(prepared, tmp_path):
   steps = {l.split("checkpoint at step ")[1].split(";")[0] for l in rest.splitlines()
            if "preempted" in l}
   assert len(steps) == 1 and os.listdir(tmp_path / "checkpoints") == list(steps)
+
+
+def _launch(script, *args):
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
+                        capture_output=True, text=True, timeout=60)
+  return proc
+
+
+def _bash_parses(script):
+  proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr + script
+
+
+def test_cluster_launchers_have_help_and_need_a_command():
+  required = {"tpu.py": ["--tpu", "t", "--zone", "z"], "slurm.py": ["--nodes", "1",
+              "--gpus-per-node", "1"], "k8s.py": ["--name", "n", "--image", "i", "--processes", "1"]}
+  for script, args in required.items():
+    proc = _launch(script, "--help")
+    assert proc.returncode == 0 and "--dry-run" in proc.stdout, script
+    proc = _launch(script, *args, "--dry-run")
+    assert proc.returncode == 2 and "after --" in proc.stderr.splitlines()[-1], script
+
+
+def test_tpu_dry_run_prints_the_gcloud_commands():
+  import shlex
+
+  capjax = ["train", "--config", "configs/coco_pod.py", "--workdir", "/mnt/shared/runs/x",
+            "--config.train.steps=10"]
+  proc = _launch("tpu.py", "--tpu", "slice-a", "--tpu", "slice-b", "--zone", "us-east5-a",
+                 "--project", "proj", "--setup", "--dry-run", "--", *capjax)
+  assert proc.returncode == 0, proc.stderr
+  cmds = [shlex.split(line) for line in proc.stdout.splitlines()]
+  assert cmds[0][:3] == ["git", "-C", REPO] and "archive" in cmds[0]
+  gcloud = cmds[1:]
+  assert all(c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and "--worker=all" in c
+             and "--zone=us-east5-a" in c and "--project=proj" in c for c in gcloud)
+  remote = {}
+  for c in gcloud:
+    if c[4] == "ssh":
+      script = next(a for a in c if a.startswith("--command="))[len("--command="):]
+      _bash_parses(script)
+      remote.setdefault(c[5], []).append(script)
+    else:
+      assert c[4] == "scp" and c[6].endswith(":capjax.tar.gz")
+  assert sorted(remote) == ["slice-a", "slice-b"]
+  for tpu, scripts in remote.items():
+    assert len(scripts) == 3 and "tar -xzf" in scripts[0] and "jax[tpu]" in scripts[1]
+    assert shlex.join(capjax) + " --distributed" in scripts[2] and "logs/$(hostname).log" in scripts[2]
+  # every slice has its code and environment before any starts
+  verbs = [("run" if "nohup" in " ".join(c) else "prep") for c in gcloud]
+  assert verbs == ["prep"] * 6 + ["run"] * 2
+
+
+def test_slurm_dry_run_prints_a_batch_script():
+  import shlex
+
+  proc = _launch("slurm.py", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+                 "--time", "02:00:00", "--dry-run", "--", "train", "--config", "c.py",
+                 "--workdir", "/shared/run")
+  assert proc.returncode == 0, proc.stderr
+  script = proc.stdout
+  _bash_parses(script)
+  directives = [l.split(None, 1)[1] for l in script.splitlines() if l.startswith("#SBATCH")]
+  for d in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu",
+            "--time=02:00:00", "--signal=TERM@120", "--requeue"):
+    assert d in directives, d
+  srun = shlex.split(next(l for l in script.splitlines() if l.startswith("srun")))
+  assert srun[srun.index("-m") + 1:] == ["trainer.cli", "train", "--config", "c.py",
+                                         "--workdir", "/shared/run", "--distributed"]
+
+
+JOBSET_FIELDS = {  # JobSet v1alpha2 (jobset.x-k8s.io), the fields capjax writes may use
+    "": {"apiVersion", "kind", "metadata", "spec"},
+    "spec": {"replicatedJobs", "network", "successPolicy", "failurePolicy", "startupPolicy",
+             "suspend", "coordinator", "managedBy", "ttlSecondsAfterFinished"},
+    "spec.network": {"enableDNSHostnames", "subdomain", "publishNotReadyAddresses"},
+    "spec.failurePolicy": {"maxRestarts", "restartStrategy", "rules"},
+    "spec.replicatedJobs[]": {"name", "template", "replicas", "dependsOn"},
+}
+
+
+@pytest.mark.parametrize("accelerator", ["gpu", "tpu"])
+def test_kubernetes_dry_run_prints_a_valid_jobset(accelerator):
+  from kubernetes import client
+
+  extra = (["--gpus-per-process", "8"] if accelerator == "gpu" else
+           ["--tpu-accelerator", "tpu-v5-lite-podslice", "--tpu-topology", "4x4"])
+  proc = _launch("k8s.py", "--name", "coco", "--image", "reg/capjax:1", "--processes", "4",
+                 "--env-secret", "HF_TOKEN=hf-token", "--pvc", "shared:/mnt/shared", *extra,
+                 "--dry-run", "--", "train", "--config", "c.py", "--workdir", "/mnt/shared/run")
+  assert proc.returncode == 0, proc.stderr
+  m = json.loads(proc.stdout.split("\n", 1)[1])
+  assert m["apiVersion"] == "jobset.x-k8s.io/v1alpha2" and m["kind"] == "JobSet"
+  assert set(m) <= JOBSET_FIELDS[""] and set(m["spec"]) <= JOBSET_FIELDS["spec"]
+  assert set(m["spec"]["network"]) <= JOBSET_FIELDS["spec.network"]
+  assert set(m["spec"]["failurePolicy"]) <= JOBSET_FIELDS["spec.failurePolicy"]
+  (rjob,) = m["spec"]["replicatedJobs"]
+  assert set(rjob) <= JOBSET_FIELDS["spec.replicatedJobs[]"]
+  # the Job template against Kubernetes' own models: types checked, and a
+  # field they do not know would be lost on the way back
+  api = client.ApiClient()
+  job = api._ApiClient__deserialize(rjob["template"], "V1JobTemplateSpec")
+  assert api.sanitize_for_serialization(job) == rjob["template"]
+  spec = rjob["template"]["spec"]
+  assert spec["parallelism"] == spec["completions"] == 4 and spec["completionMode"] == "Indexed"
+  (container,) = spec["template"]["spec"]["containers"]
+  command = container["command"]
+  assert command[:6] == ["capjax", "train", "--config", "c.py", "--workdir", "/mnt/shared/run"]
+  assert container["volumeMounts"] == [{"name": "volume-0", "mountPath": "/mnt/shared"}]
+  assert spec["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "shared"}
+  secret = next(e for e in container["env"] if e["name"] == "HF_TOKEN")
+  assert secret["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
+  if accelerator == "gpu":
+    assert command[6:] == ["--coordinator", "coco-workers-0-0.coco:1234", "--num-processes",
+                           "4", "--process-id", "$(PROCESS_ID)"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+  else:
+    assert command[6:] == ["--distributed"]
+    assert spec["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4"

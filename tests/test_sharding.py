@@ -92,3 +92,36 @@ def test_parameters_follow_the_rule_table(scan):
   assert all(p["devices"] == 8 for p in params.values())
   stacks = [k for k in params if "['layers']" in k or "['h']" in k]
   assert stacks and all(params[k]["shape"] != [] for k in stacks)
+
+
+SLICES = textwrap.dedent("""
+    import json, jax
+    from ml_collections import ConfigDict
+    from trainer import sharding
+    # two "slices" of four devices, as TPU multi-slice reports them
+    slice_of = lambda d: d.id // 4
+    out = {}
+    for data, fsdp, tensor in ((-1, 2, 1), (2, 2, 2), (4, 1, 2)):
+      mesh = sharding.make_mesh(ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)),
+                                slice_of=slice_of)
+      out[f"{data},{fsdp},{tensor}"] = [[slice_of(d) for d in row.ravel()] for row in mesh.devices]
+    try:
+      sharding.make_mesh(ConfigDict(dict(data=1, fsdp=4, tensor=2)), slice_of=slice_of)
+    except ValueError as e:
+      out["error"] = str(e)
+    print(json.dumps(out))
+""")
+
+
+def test_multislice_mesh_spans_slices_with_data_parallelism_only():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", SLICES], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  # rows are data indices: each holds one slice only, the first half slice 0
+  assert out["-1,2,1"] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+  assert out["2,2,2"] == [[0, 0, 0, 0], [1, 1, 1, 1]]
+  assert out["4,1,2"] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+  assert "does not divide over 2 slices" in out["error"]

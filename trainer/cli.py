@@ -164,6 +164,8 @@ def _prepare(args) -> int:
 
 def _distributed_flags(s) -> None:
   g = s.add_argument_group("multi-process runs (see launch/)")
+  g.add_argument("--distributed", action="store_true", help="join the other processes as "
+                 "jax.distributed finds them itself (TPU pods, SLURM)")
   g.add_argument("--coordinator", help="HOST:PORT of process 0, for jax.distributed")
   g.add_argument("--num-processes", type=int, help="processes in the run")
   g.add_argument("--process-id", type=int, help="this process's index")
@@ -171,7 +173,13 @@ def _distributed_flags(s) -> None:
 
 def _init_distributed(args) -> None:
   given = [a is not None for a in (args.coordinator, args.num_processes, args.process_id)]
-  if any(given):
+  if args.distributed and any(given):
+    raise ValueError("--distributed finds the processes itself: give it without --coordinator, "
+                     "--num-processes and --process-id")
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  elif any(given):
     if not all(given):
       raise ValueError("--coordinator, --num-processes and --process-id go together")
     import jax

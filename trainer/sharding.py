@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
@@ -22,8 +23,19 @@ AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
 
 
-def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh of all devices (all processes); one axis size may be -1 (fill)."""
+def _slice_index(device: jax.Device) -> int:
+  return getattr(device, "slice_index", 0)
+
+
+def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None,
+              slice_of: Callable[[jax.Device], int] = _slice_index) -> Mesh:
+  """A mesh of all devices (all processes); one axis size may be -1 (fill).
+
+  On several TPU slices (multi-slice: devices with different `slice_index`)
+  the slices split the `data` axis, its outer part, so that only the
+  gradient reduction of pure data parallelism crosses the slower network
+  between slices; `fsdp`, `tensor` and the rest of `data` stay inside each.
+  """
   devices = list(devices if devices is not None else jax.devices())
   sizes = [int(mesh_cfg[a]) for a in AXES]
   if sizes.count(-1) > 1:
@@ -36,8 +48,17 @@ def make_mesh(mesh_cfg: ConfigDict, devices: Sequence[jax.Device] | None = None)
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh: data x fsdp x tensor = {math.prod(sizes)}, "
                      f"but there are {len(devices)} devices")
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  slices = sorted({slice_of(d) for d in devices})
+  if len(slices) == 1:
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=axis_types, devices=devices)
+  if sizes[0] % len(slices):
+    raise ValueError(f"mesh: data = {sizes[0]} does not divide over {len(slices)} slices "
+                     "(data parallelism spans the slices)")
+  inner = (sizes[0] // len(slices), *sizes[1:])
+  blocks = [mesh_utils.create_device_mesh(inner, [d for d in devices if slice_of(d) == s],
+                                          allow_split_physical_axes=True) for s in slices]
+  return Mesh(np.concatenate(blocks, axis=0), AXES, axis_types=axis_types)
 
 
 def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], rules: dict,

@@ -141,6 +141,10 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
           f"{cfg.train.steps * cfg.train.batch_size / len(source):.2f} epochs", flush=True)
   _, tokenizer_dir = prepare_tokenizer(cfg, workdir)
   mesh = sharding.make_mesh(cfg.mesh)
+  if jax.process_index() == 0:
+    shape = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
+    print(f"mesh {shape} on {mesh.size} {jax.devices()[0].platform} devices, "
+          f"{jax.process_count()} process(es)", flush=True)
   setup = step_lib.setup(cfg, mesh)
   graphdef, param_sh, opt_sh, tx = setup.graphdef, setup.param_sh, setup.opt_sh, setup.tx
 
