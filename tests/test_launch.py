@@ -219,3 +219,37 @@ def test_kubernetes_dry_run_prints_a_valid_jobset(accelerator):
   else:
     assert command[6:] == ["--distributed"]
     assert spec["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4"
+
+
+def test_slurm_job_command_joins_its_tasks(prepared, tmp_path):
+  """The srun line of launch/slurm.py, run as SLURM would run its two tasks
+  (SLURM's environment on localhost, four CPU devices each): JAX finds the
+  processes from the environment, and the losses are a one-process run's."""
+  import shlex
+
+  train = ["train", "--config", TINY_CONFIG, f"--config.data.train={prepared['train']}",
+           f"--config.data.eval={prepared['val']}", "--config.train.steps=4",
+           "--config.checkpoint.every_steps=4"]
+  script = _launch("slurm.py", "--nodes", "2", "--gpus-per-node", "1", "--venv",
+                   os.path.dirname(os.path.dirname(sys.executable)), "--dry-run", "--", *train,
+                   "--workdir", str(tmp_path / "two")).stdout
+  srun = shlex.split(next(l for l in script.splitlines() if l.startswith("srun")))
+  command = srun[next(i for i, a in enumerate(srun) if a.endswith("/python")):]
+  cpu = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  tasks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **cpu, "SLURM_JOB_ID": "4242",
+                                            "SLURM_STEP_NODELIST": "localhost",
+                                            "SLURM_NTASKS": "2", "SLURM_PROCID": str(i),
+                                            "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "2"})
+           for i in range(2)]
+  outs = [t.communicate(timeout=600)[0] for t in tasks]
+  assert [t.returncode for t in tasks] == [0, 0], outs
+  assert "mesh data 8 x fsdp 1 x tensor 1 on 8 cpu devices, 2 process(es)" in outs[0]
+  run_capjax(*train, "--workdir", str(tmp_path / "one"), env={**cpu})
+
+  def losses(run):
+    rows = [json.loads(l) for l in open(tmp_path / run / "metrics.jsonl")]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+  one, two = losses("one"), losses("two")
+  assert len(one) == 4 and max(abs(a - b) / abs(a) for a, b in zip(one, two)) < 1e-5
