@@ -29,13 +29,17 @@ def peak_flops(device_kind: str, override: float = 0.0) -> float | None:
   return None
 
 
-def step_flops(compiled: Any) -> float | None:
-  """FLOPs one device spends on one call of a compiled (partitioned) function."""
+def step_flops(lowered: Any, devices: int) -> float | None:
+  """FLOPs one device spends on one call of a step: XLA's count of the step
+  as traced (matrix products by their shapes, before any optimisation), over
+  the devices that share it. The count of the compiled step would depend on
+  the backend: on the CPU, matrix products that become library calls are not
+  counted at all."""
   try:
-    cost = compiled.cost_analysis()
+    cost = lowered.cost_analysis()
   except Exception:  # not every backend counts
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
+  return float(flops) / devices if flops and flops > 0 else None

@@ -273,8 +273,9 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
       wait += time.time() - t0
       carry = healthy if cfg.train.nonfinite == "stop" else always
       if compiled is None:  # compiled ahead of the first call, for its FLOP count
-        compiled = train_step.lower(params, opt_state, step, carry, batch).compile()
-        flops = flops_lib.step_flops(compiled)
+        lowered = train_step.lower(params, opt_state, step, carry, batch)
+        compiled = lowered.compile()
+        flops = flops_lib.step_flops(lowered, mesh.size)
       params, opt_state, step, healthy, metrics = compiled(params, opt_state, step, carry, batch)
       if pending is not None:
         log(*pending)
