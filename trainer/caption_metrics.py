@@ -44,6 +44,8 @@ class _Corpus:
     self.images = len(hyps)
     self.per_image = np.array([len(rs) for rs in refs])
     self.ref_image = np.repeat(np.arange(self.images), self.per_image)
+    # where each image's references begin, for reductions over them
+    self.ref_start = np.concatenate([[0], np.cumsum(self.per_image)[:-1]])
     texts = [*hyps, *(r for rs in refs for r in rs)]
     sentences = [split(t) for t in texts]
     # ROUGE splits on single spaces, BLEU and CIDEr on any whitespace
@@ -76,6 +78,14 @@ class _Corpus:
       out.append((pair // size, pair % size, counts, size))
     return out
 
+  def order(self, k: int):
+    """N-grams of order k + 1: (sentence, id, count, ids in all, whether in a
+    reference, image)."""
+    sent, gram, count, size = self.ngrams[k]
+    is_ref = sent >= self.images
+    image = np.where(is_ref, self.ref_image[np.maximum(sent - self.images, 0)], sent)
+    return sent, gram, count, size, is_ref, image
+
 
 def bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]], n: int = N) -> list[float]:
   """Corpus BLEU-1..n of tokenized captions, pycocoevalcap's BleuScorer with
@@ -87,9 +97,7 @@ def _bleu(c: _Corpus, n: int = N) -> list[float]:
   h_len, r_len = c.lengths[:c.images], c.lengths[c.images:]
   correct, guess = [], []
   for k in range(n):
-    sent, gram, count, size = c.ngrams[k]
-    is_ref = sent >= c.images
-    image = np.where(is_ref, c.ref_image[np.maximum(sent - c.images, 0)], sent)
+    sent, gram, count, size, is_ref, image = c.order(k)
     key = image * size + gram
     # the most times each n-gram occurs in one reference of its image
     rkey, rcount = key[is_ref], count[is_ref]
@@ -104,8 +112,7 @@ def _bleu(c: _Corpus, n: int = N) -> list[float]:
     guess.append(int(np.maximum(h_len - k, 0).sum()))
   # the reference length closest to each hypothesis, the shorter on a tie
   diff = np.abs(r_len - h_len[c.ref_image])
-  start = np.concatenate([[0], np.cumsum(c.per_image)[:-1]])
-  closest = np.minimum.reduceat(diff * (int(r_len.max()) + 1) + r_len, start) % (int(r_len.max()) + 1)
+  closest = np.minimum.reduceat(diff * (int(r_len.max()) + 1) + r_len, c.ref_start) % (int(r_len.max()) + 1)
   test_len, ref_len = int(h_len.sum()), int(closest.sum())
   tiny, small = 1e-15, 1e-9  # as pycocoevalcap adds them
   scores, product = [], 1.0
@@ -172,9 +179,8 @@ def _rouge_l(c: _Corpus, beta: float = 1.2) -> float:
       h[row, :lh[p]] = c.words[starts[a]:starts[a + 1]]
       r[row, :lr[p]] = c.words[starts[b]:starts[b + 1]]
     lcs[chunk] = _lcs(h, r, lh[chunk], lr[chunk])
-  start = np.concatenate([[0], np.cumsum(c.per_image)[:-1]])
-  prec = np.maximum.reduceat(lcs / lh, start)
-  rec = np.maximum.reduceat(lcs / lr, start)
+  prec = np.maximum.reduceat(lcs / lh, c.ref_start)
+  rec = np.maximum.reduceat(lcs / lr, c.ref_start)
   with np.errstate(invalid="ignore", divide="ignore"):
     f = ((1 + beta**2) * prec * rec) / (rec + beta**2 * prec)
   return float(np.mean(np.where((prec != 0) & (rec != 0), f, 0.0)))
@@ -192,9 +198,7 @@ def _cider_d(c: _Corpus, sigma: float = 6.0) -> float:
   val = np.zeros((n_refs, N))
   norm_h, norm_r = np.zeros((c.images, N)), np.zeros((n_refs, N))
   for k in range(N):
-    sent, gram, count, size = c.ngrams[k]
-    is_ref = sent >= c.images
-    image = np.where(is_ref, c.ref_image[np.maximum(sent - c.images, 0)], sent)
+    sent, gram, count, size, is_ref, image = c.order(k)
     rkey = image[is_ref] * size + gram[is_ref]
     order = np.argsort(rkey, kind="stable")
     rkey = rkey[order]
@@ -220,19 +224,23 @@ def _cider_d(c: _Corpus, sigma: float = 6.0) -> float:
   bigrams = np.maximum(c.lengths - 1, 0).astype(float)
   delta = bigrams[:c.images][c.ref_image] - bigrams[c.images:]
   val *= (np.e ** (-(delta**2) / (2 * sigma**2)))[:, None]
-  start = np.concatenate([[0], np.cumsum(c.per_image)[:-1]])
-  per_image = np.add.reduceat(val, start, axis=0).mean(axis=1) / c.per_image * 10.0
+  per_image = np.add.reduceat(val, c.ref_start, axis=0).mean(axis=1) / c.per_image * 10.0
   return float(np.mean(per_image))
+
+
+def _tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]):
+  """Predictions and references tokenized as the COCO evaluation does: all
+  references in image order in one pass, then all predictions in another."""
+  flat = tokenize([r for rs in references for r in rs])
+  hyps = tokenize(predictions)
+  at = np.concatenate([[0], np.cumsum([len(rs) for rs in references])])
+  return hyps, [flat[at[i]:at[i + 1]] for i in range(len(references))]
 
 
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
   """BLEU-1..4, ROUGE-L and CIDEr-D of raw captions, tokenized as the COCO
-  evaluation does: all references in image order in one pass, then all
-  predictions in another."""
-  refs_flat = tokenize([r for rs in references for r in rs])
-  hyps = tokenize(predictions)
-  at = np.concatenate([[0], np.cumsum([len(rs) for rs in references])])
-  refs = [refs_flat[at[i]:at[i + 1]] for i in range(len(references))]
+  evaluation does."""
+  hyps, refs = _tokenized(predictions, references)
   corpus = _Corpus(hyps, refs, str.split)
   b = _bleu(corpus)
   out = {f"bleu{k + 1}": b[k] for k in range(N)}
@@ -252,10 +260,8 @@ def meteor(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> f
   COCO evaluation does (needs Java; see meteor_available)."""
   from pycocoevalcap.meteor.meteor import Meteor
 
-  refs_flat = tokenize([r for rs in references for r in rs])
-  hyps = tokenize(predictions)
-  at = np.concatenate([[0], np.cumsum([len(rs) for rs in references])])
-  gts = {i: refs_flat[at[i]:at[i + 1]] for i in range(len(references))}
+  hyps, refs = _tokenized(predictions, references)
+  gts = dict(enumerate(refs))
   res = {i: [h] for i, h in enumerate(hyps)}
   value, _ = Meteor().compute_score(gts, res)
   return float(value)
