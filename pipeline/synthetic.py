@@ -33,6 +33,15 @@ COLOURS = {
     "blue": (40, 80, 235),
     "purple": (150, 50, 205),
 }
+# Colours the demo never shows: a held-out variation for fine-tuning (LoRA).
+HELD_OUT_COLOURS = {
+    "pink": (245, 120, 190),
+    "brown": (135, 80, 40),
+    "cyan": (20, 210, 220),
+    "lime": (160, 235, 40),
+}
+PALETTES = {"default": COLOURS, "held-out": HELD_OUT_COLOURS}
+_ALL_COLOURS = {**COLOURS, **HELD_OUT_COLOURS}
 SIZES = {"small": 0.085, "large": 0.17}  # radius as a fraction of the side
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "noisy")
 COUNT_WORDS = {"one": 1, "single": 1, "two": 2, "three": 3}
@@ -53,14 +62,15 @@ class Shape(NamedTuple):
     return f"{self.size} {self.colour} {self.kind}"
 
 
-def sample_scene(rng: np.random.Generator) -> tuple[list[Shape], str]:
+def sample_scene(rng: np.random.Generator,
+                 colours: Sequence[str] = tuple(COLOURS)) -> tuple[list[Shape], str]:
   """Draws one to three non-overlapping shapes, sorted left to right."""
   count = int(rng.integers(1, 4))
   shapes: list[Shape] = []
   seen = set()
   while len(shapes) < count:
     size = str(rng.choice(list(SIZES)))
-    colour = str(rng.choice(list(COLOURS)))
+    colour = str(rng.choice(list(colours)))
     kind = str(rng.choice(SHAPES))
     if (size, colour, kind) in seen:
       continue
@@ -110,7 +120,7 @@ def render(shapes: Sequence[Shape], background: str, side: int,
   for s in shapes:
     cx, cy, r = s.x * big, s.y * big, SIZES[s.size] * big
     fill = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255))
-                 for c in COLOURS[s.colour]) + (255,)
+                 for c in _ALL_COLOURS[s.colour]) + (255,)
     if s.kind == "circle":
       draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif s.kind == "square":
@@ -182,7 +192,7 @@ def parse_caption(caption: str) -> Parsed:
   for i, w in enumerate(words):
     if count is None and w in COUNT_WORDS:
       count = COUNT_WORDS[w]
-    if (w in SIZES and i + 2 < len(words) and words[i + 1] in COLOURS
+    if (w in SIZES and i + 2 < len(words) and words[i + 1] in _ALL_COLOURS
         and words[i + 2] in SHAPES):
       objects[(w, words[i + 1], words[i + 2])] += 1
   return Parsed(count, objects)
@@ -211,10 +221,10 @@ def content_accuracy(predictions: Sequence[str],
   return right / len(predictions)
 
 
-def _make_one(args: tuple[int, int, int, str]) -> tuple[dict, list[str]]:
-  index, seed, side, folder = args
+def _make_one(args: tuple[int, int, int, str, str]) -> tuple[dict, list[str]]:
+  index, seed, side, folder, palette = args
   rng = np.random.default_rng([seed, index])
-  shapes, background = sample_scene(rng)
+  shapes, background = sample_scene(rng, tuple(PALETTES[palette]))
   img = render(shapes, background, side, rng)
   name = f"{index:06d}.jpg"
   buf = io.BytesIO()
@@ -226,8 +236,11 @@ def _make_one(args: tuple[int, int, int, str]) -> tuple[dict, list[str]]:
 
 
 def generate(out_dir: str, num_train: int = 10_000, num_val: int = 500,
-             side: int = 96, seed: int = 0, processes: int | None = None) -> dict:
+             side: int = 96, seed: int = 0, processes: int | None = None,
+             palette: str = "default") -> dict:
   """Writes the COCO caption layout under `out_dir`; returns counts.
+  `palette` "held-out" paints the shapes in colours the default set never
+  uses (a new domain to fine-tune on).
 
   Deterministic in (`seed`, index), whatever the number of processes. Written
   into a temporary folder beside `out_dir` and renamed when complete.
@@ -241,7 +254,7 @@ def generate(out_dir: str, num_train: int = 10_000, num_val: int = 500,
         folder = os.path.join(tmp, split)
         os.makedirs(folder)
         # Validation indices follow training ones so no image repeats.
-        jobs = [(offset + i, seed, side, folder) for i in range(n)]
+        jobs = [(offset + i, seed, side, folder, palette) for i in range(n)]
         images, annotations = [], []
         for image, caps in pool.imap(_make_one, jobs, chunksize=64):
           images.append(image)
@@ -268,8 +281,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--val", type=int, default=500, help="validation images (default: 500)")
   p.add_argument("--side", type=int, default=96, help="image side in pixels (default: 96)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--palette", choices=sorted(PALETTES), default="default",
+                 help="shape colours: the default six, or four held out from them "
+                      f"({', '.join(HELD_OUT_COLOURS)}) for fine-tuning on a new domain")
   args = p.parse_args(argv)
-  counts = generate(args.out, args.train, args.val, args.side, args.seed)
+  counts = generate(args.out, args.train, args.val, args.side, args.seed,
+                    palette=args.palette)
   print(json.dumps(counts))
 
 

@@ -58,3 +58,18 @@ def test_content_accuracy_checks_every_detail():
   for w in wrong:
     assert not synthetic.caption_is_right(w, refs), w
   assert synthetic.content_accuracy([right, wrong[0]], [refs, refs]) == 0.5
+
+
+def test_the_held_out_palette_uses_only_new_colours(tmp_path):
+  synthetic.generate(str(tmp_path / "new"), num_train=24, num_val=4, side=32, seed=1,
+                     processes=1, palette="held-out")
+  data = json.loads((tmp_path / "new" / "annotations" / "captions_train.json").read_text())
+  colours = collections.Counter()
+  for a in data["annotations"]:
+    for size, colour, kind in synthetic.parse_caption(a["caption"]).objects:
+      colours[colour] += 1
+  assert set(colours) == set(synthetic.HELD_OUT_COLOURS)
+  assert not set(synthetic.HELD_OUT_COLOURS) & set(synthetic.COLOURS)
+  refs = ["a small pink circle and a large cyan square"]
+  assert synthetic.caption_is_right("a small pink circle to the left of a large cyan square", refs)
+  assert not synthetic.caption_is_right("a small red circle and a large cyan square", refs)
