@@ -33,6 +33,6 @@ setup(
         "numpy>=2.0,<3",
     ],
     extras_require={"test": ["pytest>=8,<10", "pycocoevalcap==1.2", "torch==2.13.0",
-                             "kubernetes>=30,<40"]},
+                             "kubernetes>=30,<40", "peft>=0.13,<1"]},
     entry_points={"console_scripts": ["capjax=trainer.cli:main"]},
 )

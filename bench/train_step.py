@@ -5,6 +5,8 @@ share of step time spent waiting for data with the real input pipeline.
                   images with 2 captions each, 64 px;
   vit_b16_gpt2    ViT-B/16 (224 px) + GPT-2 (124M, 50,257 tokens), batch 8,
                   one 32-token caption per image;
+  vit_b16_gpt2_lora  the same with rank-8 LoRA adapters on every linear
+                  layer (configs/demo.py's default targets), only they trained;
   seed            the same ViT-B/16 + GPT-2 in transformers 4.57.6's
                   FlaxVisionEncoderDecoderModel, trained as
                   run_image_captioning_flax.py trained it (bench/seed_step.py),
@@ -19,8 +21,11 @@ two warm-up steps, float32, random weights and inputs; the host's batch is
 ready before the clock starts) whose peak resident memory is its high-water
 mark. ViT-B/16 + GPT-2 and the seed are timed in alternating rounds and the
 best round of each kept: this machine's speed drifts by a fifth from one
-minute to the next. The last line is one JSON object with the figures,
-`data_wait_fraction`, `speedup_vs_seed` and `memory_vs_seed` among them.
+minute to the next. Each model reports its optimiser state's bytes. The last
+line is one JSON object with the figures, `data_wait_fraction`,
+`speedup_vs_seed`, `memory_vs_seed`, `lora_opt_state_smaller` (full
+fine-tuning's optimiser state over LoRA's) and `lora_step_time_vs_full` among
+them.
 
   .venv/bin/python bench/train_step.py [--steps 3] [--rounds 2] [--skip-seed]
 """
@@ -45,6 +50,8 @@ GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_h
 MODELS = {
     "demo": {},  # configs/demo.py as it is
     "vit_b16_gpt2": dict(batch=8, captions=1, length=32, encoder=VIT_B16, decoder=GPT2_124M),
+    "vit_b16_gpt2_lora": dict(batch=8, captions=1, length=32, encoder=VIT_B16,
+                              decoder=GPT2_124M, lora_rank=8),
 }
 
 
@@ -60,6 +67,7 @@ def _config(name: str):
     cfg.train.batch_size = m["batch"]
     cfg.data.captions_per_image = m["captions"]
     cfg.data.max_length = m["length"]
+    cfg.model.lora.rank = m.get("lora_rank", 0)
   else:
     cfg.model.decoder.vocab_size = cfg.tokenizer.vocab_size
   d = cfg.model.decoder
@@ -103,6 +111,8 @@ def measure(name: str, steps: int) -> dict:
   step_time = float(min(times))  # the fastest: this machine's speed drifts
   return {"step_time_s": round(step_time, 3), "images_per_s": round(b / step_time, 3),
           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+          "opt_state_bytes": sum(x.nbytes for x in jax.tree.leaves(opt)),
+          "params": sum(x.size for x in jax.tree.leaves(params)),
           "batch": b, "captions_per_image": k, "tokens": n}
 
 
@@ -161,7 +171,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=3, help="timed steps per model (default: 3)")
   p.add_argument("--rounds", type=int, default=2, help="alternating rounds of ViT-B/16 + "
-                 "GPT-2 and the seed, the best of each kept (default: 2)")
+                 "GPT-2, with LoRA, and the seed, the best of each kept (default: 2)")
   p.add_argument("--skip-seed", action="store_true", help="leave out the old model")
   p.add_argument("--measure", choices=sorted(MODELS), help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -177,7 +187,7 @@ def main():
     enc, dec = os.path.join(tmp, "enc.json"), os.path.join(tmp, "dec.json")
     json.dump(m["encoder"], open(enc, "w"))
     json.dump(m["decoder"], open(dec, "w"))
-    runs = {"vit_b16_gpt2": here + ["--measure", "vit_b16_gpt2"]}
+    runs = {name: here + ["--measure", name] for name in ("vit_b16_gpt2", "vit_b16_gpt2_lora")}
     if not args.skip_seed:
       runs["seed"] = [seed_environment(), os.path.join(ROOT, "bench", "seed_step.py"),
                       "--encoder-json", enc, "--decoder-json", dec, "--batch", str(m["batch"]),
@@ -192,6 +202,9 @@ def main():
     ours, seed = result["vit_b16_gpt2"], result["seed"]
     result["speedup_vs_seed"] = round(ours["images_per_s"] / seed["images_per_s"], 2)
     result["memory_vs_seed"] = round(ours["peak_rss_gib"] / seed["peak_rss_gib"], 2)
+  full, adapted = result["vit_b16_gpt2"], result["vit_b16_gpt2_lora"]
+  result["lora_opt_state_smaller"] = round(full["opt_state_bytes"] / adapted["opt_state_bytes"], 1)
+  result["lora_step_time_vs_full"] = round(adapted["step_time_s"] / full["step_time_s"], 2)
   result["data_wait_fraction"] = round(data_wait_fraction(), 4)
   print(json.dumps(result))
 

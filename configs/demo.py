@@ -48,6 +48,13 @@ def get_config() -> ConfigDict:
   # One compiled layer scanned over stacked weights: compile time independent
   # of depth (deep models); checkpoints load into either layout.
   c.model.scan_layers = False
+  # LoRA adapters (rank > 0) beside the linear layers whose names match
+  # `targets`: by default all of them (attention projections, MLPs,
+  # enc_to_dec_proj); "^decoder/.*attn/(query|value)$" picks fewer. With
+  # them only the adapters train (and what train.trainable adds), and
+  # `export-hf` merges them into the weights.
+  c.model.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
+                                 targets=r"(query|key|value|out|fc|proj)$"))
   c.model.image_mean = (0.5, 0.5, 0.5)
   c.model.image_std = (0.5, 0.5, 0.5)
   c.model.encoder = ConfigDict(dict(
@@ -70,7 +77,12 @@ def get_config() -> ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.98
   c.train.grad_clip = 1.0
-  c.train.freeze = ""  # a regular expression over parameter names, e.g. "^encoder/"
+  # Regular expressions over parameter names (encoder/layers/0/mlp/fc/kernel):
+  # only trainable parameters move and hold optimiser state. trainable empty:
+  # all of them, or with LoRA the adapters alone (it adds to them, e.g.
+  # "/ln_|layernorm"); freeze wins over both (e.g. "^encoder/").
+  c.train.trainable = ""
+  c.train.freeze = ""
   c.train.accum_steps = 1  # >1: the batch in this many micro-batches, gradients summed
   c.train.label_smoothing = 0.0
   c.train.nonfinite = "stop"  # a non-finite loss: "stop" (last good state kept) or "skip" the step

@@ -142,11 +142,15 @@ def _parser() -> argparse.ArgumentParser:
   s = sub.add_parser("export-hf", help="a capjax checkpoint to a Hugging Face folder",
                      description="Writes config.json, model.safetensors, tokenizer files, "
                      "preprocessor_config.json and generation_config.json, loadable by "
-                     "transformers' VisionEncoderDecoderModel.from_pretrained.")
+                     "transformers' VisionEncoderDecoderModel.from_pretrained. LoRA adapters "
+                     "are merged into the weights (or kept apart with --peft).")
   s.add_argument("checkpoint", help=CHECKPOINT_HELP)
   s.add_argument("--out", required=True, help="folder to write (replaced when complete)")
   s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repository "
                  "(token from the HF_TOKEN environment variable)")
+  s.add_argument("--peft", action="store_true", help="a LoRA checkpoint's adapters apart, in "
+                 "peft's format, in OUT/adapter (PeftModel.from_pretrained(model, OUT/adapter)), "
+                 "and its base weights in OUT; without it they are merged into the weights")
   return p
 
 
@@ -286,7 +290,7 @@ def _export_hf(args, overrides) -> int:
     raise ValueError("export-hf takes no --config overrides")
   if args.push_to_hub:
     hf_export.hub_token()  # before the export: a missing token costs nothing
-  out = hf_export.export_hf(args.checkpoint, args.out)
+  out = hf_export.export_hf(args.checkpoint, args.out, peft=args.peft)
   print(f"wrote {out}")
   if args.push_to_hub:
     print(hf_export.push_to_hub(out, args.push_to_hub))

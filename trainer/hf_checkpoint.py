@@ -141,6 +141,40 @@ def to_hf(params: dict, enc: ViTConfig, dec: GPT2Config) -> dict[str, np.ndarray
   return out
 
 
+def to_peft(params: dict, enc: ViTConfig, dec: GPT2Config) -> dict[str, tuple[np.ndarray,
+                                                                             np.ndarray]]:
+  """The LoRA adapters of a capjax pure parameter dict in `peft`'s layout:
+  {module name as saved: (lora_A [rank, in], lora_B [out, rank])}. A fused
+  GPT-2 projection (`c_attn`: query, key, value) holds its parts' adapters
+  side by side, rank r for each part that has one, B zero across the outputs
+  of the others: the same update, exactly."""
+  with_projection = "enc_to_dec_proj" in params and params["enc_to_dec_proj"] is not None
+  out = {}
+  for name, path, how in _entries(enc, dec, "encoder.", "decoder.transformer.", with_projection):
+    if how in _FUSED:
+      layer, parts = _get(params, path), _FUSED[how]
+      with_adapter = [j for j, p in enumerate(parts) if "lora_a" in layer[p]]
+      if not with_adapter:
+        continue
+      ends = np.cumsum([0] + [layer[p]["kernel"].shape[1] for p in parts])
+      a = np.concatenate([layer[parts[j]]["lora_a"] for j in with_adapter], axis=1)
+      b = np.zeros((a.shape[1], ends[-1]), np.float32)
+      row = 0
+      for j in with_adapter:
+        part = np.asarray(layer[parts[j]]["lora_b"])
+        b[row:row + len(part), ends[j]:ends[j + 1]] = part
+        row += len(part)
+      module = name
+    elif path[-1] == "kernel" and "lora_a" in _get(params, path[:-1]):
+      layer = _get(params, path[:-1])
+      a, b = layer["lora_a"], layer["lora_b"]
+      module = name[:-len(".weight")]
+    else:
+      continue
+    out[module] = (np.ascontiguousarray(np.asarray(a).T), np.ascontiguousarray(np.asarray(b).T))
+  return out
+
+
 def check_supported(decoder_config: dict, source: str) -> None:
   """Rejects GPT-2 options that change the computation and capjax lacks."""
   for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),

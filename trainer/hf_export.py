@@ -1,12 +1,15 @@
 """`capjax export-hf`: a capjax checkpoint as a Hugging Face folder that
 `VisionEncoderDecoderModel.from_pretrained` loads: config.json,
 model.safetensors, tokenizer files, preprocessor_config.json and
-generation_config.json.
+generation_config.json. LoRA adapters are merged into the weights, or
+written apart in `peft`'s format (`--peft`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -15,11 +18,18 @@ from flax import nnx
 from pipeline import atomic, tokenizer as tokenizer_lib
 from trainer import hf_checkpoint, params as params_lib
 from trainer.hf_import import RESAMPLE
+from trainer.models import lora
 from trainer.models.gpt2 import GPT2Config
 from trainer.models.vit import ViTConfig
 
 
-def export_hf(checkpoint_path: str, out_dir: str) -> str:
+ADAPTER = "adapter"  # the folder of --peft's adapter, inside the exported model's
+
+
+def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
+  """Writes the folder; LoRA adapters merged into the weights, or with
+  `peft` kept apart: the base weights in `out_dir` and the adapters in
+  `out_dir/adapter`, which `peft.PeftModel.from_pretrained` loads onto them."""
   from safetensors.numpy import save_file
   from transformers import (GenerationConfig, GPT2Config as HFGPT2Config, ViTConfig as HFViTConfig,
                             ViTImageProcessor, VisionEncoderDecoderConfig)
@@ -30,6 +40,12 @@ def export_hf(checkpoint_path: str, out_dir: str) -> str:
   pure = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(r.params))
   enc = ViTConfig.from_dict(cfg.model.encoder.to_dict())
   dec = GPT2Config.from_dict(cfg.model.decoder.to_dict())
+  spec = lora.Spec.of(cfg.model)
+  if peft and spec is None:
+    raise ValueError(f"--peft: {checkpoint_path} has no LoRA adapters (model.lora.rank is 0)")
+  adapter = hf_checkpoint.to_peft(pure, enc, dec) if peft else None
+  if spec is not None:  # the base weights, or W + (alpha / rank) A B
+    pure = lora.merge(pure, 0.0 if peft else spec.scale)
   tensors = hf_checkpoint.to_hf(pure, enc, dec)
   tensors.pop("decoder.lm_head.weight")  # tied to the token embedding on load
 
@@ -57,7 +73,68 @@ def export_hf(checkpoint_path: str, out_dir: str) -> str:
     tok.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     generation.save_pretrained(tmp)
+    if adapter is not None:
+      _save_peft_adapter(os.path.join(tmp, ADAPTER), adapter, hf_config, spec,
+                         os.path.abspath(out_dir))
   return os.path.abspath(out_dir)
+
+
+def _module_names(hf_config, saved_names: list[str]) -> dict[str, str]:
+  """Module names as saved on disk to the names transformers gives them in
+  memory (which peft targets): transformers 5 renames some on load (ViT's
+  `attention.attention.query` is `attention.q_proj`). Read from the model
+  itself, built on the meta device."""
+  try:
+    import torch
+  except ImportError:
+    raise ValueError("--peft needs torch (as peft does) to name the model's modules") from None
+  from transformers import VisionEncoderDecoderModel
+  from transformers.conversion_mapping import get_model_conversion_mapping
+  from transformers.core_model_loading import WeightConverter, rename_source_key
+
+  with torch.device("meta"):
+    model = VisionEncoderDecoderModel(hf_config)
+  transforms = get_model_conversion_mapping(model)
+  converters = [t for t in transforms if isinstance(t, WeightConverter)]
+  renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+  modules = dict(model.named_modules())
+  out = {}
+  for name in saved_names:
+    new = rename_source_key(name + ".weight", renamings, converters)[0][:-len(".weight")]
+    if new not in modules:
+      raise ValueError(f"--peft: no module {new!r} (saved as {name!r}) in transformers' model")
+    out[name] = new
+  return out
+
+
+def _save_peft_adapter(folder: str, adapters: dict, hf_config, spec: lora.Spec,
+                       base: str) -> None:
+  """adapter_config.json and adapter_model.safetensors, as `peft` saves a
+  LoRA adapter of this model. Modules whose rank is not `spec.rank` (fused
+  projections) get theirs, and an alpha that keeps alpha / rank, through
+  rank_pattern and alpha_pattern."""
+  from safetensors.numpy import save_file
+
+  names = _module_names(hf_config, list(adapters))
+  tensors, ranks = {}, {}
+  for saved, (a, b) in adapters.items():
+    module = names[saved]
+    tensors[f"base_model.model.{module}.lora_A.weight"] = a
+    tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    ranks[module] = a.shape[0]
+  other = {re.escape(m): r for m, r in sorted(ranks.items()) if r != spec.rank}
+  config = {
+      "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base,
+      "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+      "target_modules": sorted(ranks), "bias": "none", "fan_in_fan_out": False,
+      "rank_pattern": other,
+      "alpha_pattern": {m: spec.alpha * r / spec.rank for m, r in other.items()},
+      "inference_mode": True,
+  }
+  os.makedirs(folder)
+  with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+  save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def hub_token() -> str:

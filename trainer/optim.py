@@ -1,13 +1,17 @@
-"""The optimiser: AdamW with a warmup schedule, global-norm clipping, no
-weight decay on biases and norms, and optional frozen parameters."""
+"""The optimiser: AdamW with a warmup schedule, global-norm clipping and no
+weight decay on biases and norms, over the parameters that train (all, a
+chosen set, or LoRA adapters)."""
 
 from __future__ import annotations
 
 import re
+from typing import Any, Callable
 
 import jax
 import optax
 from ml_collections import ConfigDict
+
+from trainer.models import lora
 
 
 def schedule(train: ConfigDict) -> optax.Schedule:
@@ -35,38 +39,55 @@ def _decay_mask(params):
 
 def param_name(path) -> str:
   """A parameter's path as "decoder/h/0/attn/query/kernel"."""
-  keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
-  return "/".join(str(k) for k in keys if k != "value")
+  # A Variable's array is the attribute `value` (GetAttrKey) under the
+  # parameter's name; a layer may be named "value" too (DictKey).
+  keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path
+          if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")]
+  return "/".join(str(k) for k in keys)
 
 
-def _frozen_mask(pattern: str):
-  regex = re.compile(pattern)
+def trained_filter(cfg: ConfigDict, params) -> Callable[[Any, Any], bool]:
+  """Which parameters train, as an `nnx` filter `(path, value) -> bool`.
 
-  def mask(params):
-    out = jax.tree_util.tree_map_with_path(lambda path, _: bool(regex.search(param_name(path))),
-                                           params)
-    if not any(jax.tree.leaves(out)):
-      raise ValueError(f"train.freeze={pattern!r} matches no parameter "
+  Without LoRA: all of them, or those whose names match `train.trainable`.
+  With LoRA (`model.lora.rank` > 0): the adapters, and those matching
+  `train.trainable`. Never those matching `train.freeze`. Checked against
+  `params`: a pattern that matches nothing, or nothing left to train, is an
+  error naming the flag.
+  """
+  with_lora = lora.Spec.of(cfg.model) is not None
+  patterns = {}
+  for flag in ("trainable", "freeze"):
+    text = cfg.train[flag]
+    try:
+      patterns[flag] = re.compile(text) if text else None
+    except re.error as e:
+      raise ValueError(f"train.{flag}={text!r}: not a regular expression ({e})") from None
+  trainable, freeze = patterns["trainable"], patterns["freeze"]
+
+  def trained(name: str) -> bool:
+    if freeze is not None and freeze.search(name):
+      return False
+    if with_lora and lora.is_adapter(name):
+      return True
+    return bool(trainable.search(name)) if trainable is not None else not with_lora
+
+  names = [param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for flag, regex in patterns.items():
+    if regex is not None and not any(regex.search(n) for n in names):
+      raise ValueError(f"train.{flag}={regex.pattern!r} matches no parameter "
                        "(names look like encoder/layers/0/mlp/fc/kernel)")
-    return out
-
-  return mask
+  if not any(trained(n) for n in names):
+    raise ValueError(f"no parameter left to train (train.trainable={cfg.train.trainable!r}, "
+                     f"train.freeze={cfg.train.freeze!r})")
+  return lambda path, _: trained(param_name(path))
 
 
 def optimizer(train: ConfigDict) -> optax.GradientTransformation:
-  """AdamW with clipping. Parameters whose name matches `train.freeze` (a
-  regular expression, e.g. "^encoder/") get zero gradients before clipping
-  and no weight decay: they do not move."""
-  decay = _decay_mask
-  steps = []
-  if train.freeze:
-    frozen = _frozen_mask(train.freeze)
-    steps.append(optax.masked(optax.set_to_zero(), frozen))
-    decay = lambda params: jax.tree.map(lambda d, f: d and not f, _decay_mask(params),
-                                        frozen(params))
+  """AdamW with clipping, over the trained parameters only (`trained_filter`
+  splits them off: frozen ones get no gradient and no optimiser state)."""
   return optax.chain(
-      *steps,
       optax.clip_by_global_norm(train.grad_clip),
       optax.adamw(schedule(train), b1=train.b1, b2=train.b2,
-                  weight_decay=train.weight_decay, mask=decay),
+                  weight_decay=train.weight_decay, mask=_decay_mask),
   )

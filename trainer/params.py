@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from trainer import checkpoint, config as config_lib, sharding
+from trainer.models import lora
 from trainer.models.captioner import build_captioner
 
 # Where the layer stacks sit in the parameter tree.
@@ -57,19 +58,40 @@ def to_layout(pure: dict, scan: bool) -> dict:
   return out
 
 
+def _overlay(base: dict, extra: dict) -> dict:
+  """`base` with the leaves of `extra` added (nested dicts merged)."""
+  out = dict(base)
+  for k, v in extra.items():
+    out[k] = _overlay(out[k], v) if isinstance(v, dict) and k in out else v
+  return out
+
+
 def load_params(workdir: str, step: int, saved_cfg: ConfigDict, cfg: ConfigDict, mesh: Mesh):
   """The checkpoint's parameters for the model `cfg` describes, sharded on
-  `mesh`, whichever layer layout each uses."""
+  `mesh`, whichever layer layout each uses. Where the LoRA settings differ,
+  the checkpoint's adapters are merged into its weights and the model gets
+  fresh adapters of its own (which leave its outputs unchanged): a base
+  model starts a LoRA run, a LoRA run loads as a plain model."""
   _, abs_params, shardings = abstract_model(cfg, mesh)
-  if saved_cfg.model.scan_layers == cfg.model.scan_layers:
+  saved_lora, new_lora = lora.Spec.of(saved_cfg.model), lora.Spec.of(cfg.model)
+  if saved_cfg.model.scan_layers == cfg.model.scan_layers and saved_lora == new_lora:
     return checkpoint.load_params(workdir, step, sharding.with_shardings(abs_params, shardings))
   saved = copy.deepcopy(saved_cfg)
   saved.mesh = cfg.mesh
   _, abs_saved, saved_sh = abstract_model(saved, mesh)
   loaded = checkpoint.load_params(workdir, step, sharding.with_shardings(abs_saved, saved_sh))
   scan = cfg.model.scan_layers
-  pure = jax.jit(lambda p: to_layout(p, scan), out_shardings=nnx.to_pure_dict(shardings))(
-      nnx.to_pure_dict(loaded))
+
+  def convert(pure):
+    if saved_lora is not None and saved_lora != new_lora:
+      pure = lora.merge(pure, saved_lora.scale)
+    pure = to_layout(pure, scan)
+    if new_lora is not None and saved_lora != new_lora:
+      fresh = nnx.to_pure_dict(nnx.state(build_captioner(cfg.model, cfg.seed)))
+      pure = _overlay(pure, lora.adapters_only(fresh))
+    return pure
+
+  pure = jax.jit(convert, out_shardings=nnx.to_pure_dict(shardings))(nnx.to_pure_dict(loaded))
   nnx.replace_by_pure_dict(abs_params, pure)
   return abs_params
 

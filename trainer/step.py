@@ -60,10 +60,23 @@ def micro_batches(batch: dict, k: int, batch_sharding=None) -> dict:
   return out
 
 
+def split_trained(params, trained: Callable | None):
+  """(the trained parameters, the frozen rest) by an `nnx` filter; all
+  trained without one."""
+  if trained is None:
+    return params, nnx.State({})
+  return nnx.split_state(params, trained, ...)
+
+
 def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
-                    label_smoothing: float = 0.0, batch_sharding=None):
+                    label_smoothing: float = 0.0, batch_sharding=None,
+                    trained: Callable | None = None):
   """step(params, opt_state, step, healthy, batch) ->
   (params, opt_state, step + 1, healthy, metrics).
+
+  Gradients and the optimiser (`opt_state` = tx.init of the trained part)
+  cover only the parameters the `trained` filter picks (all without one):
+  frozen ones cost no weight gradients and no optimiser memory.
 
   A step whose loss or gradient norm is not finite leaves the parameters and
   optimiser state as they were and reports `train/nonfinite` = 1. `healthy`
@@ -71,20 +84,29 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
   later steps change nothing either: a run stopped on it keeps its last good
   state. Pass `healthy` True each step to skip bad steps instead.
   """
-  grad_fn = jax.value_and_grad(token_losses, has_aux=True)
+  def loss_of(learn, frozen, *args):
+    # `frozen` comes in as it was made outside the gradient's trace; nnx's
+    # scan (scan_layers) refuses Variables of another trace level, so copy
+    # it into this one.
+    frozen = jax.tree.map(lambda x: x, frozen)
+    return token_losses(nnx.merge_state(learn, frozen), *args)
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
   def train_step(params, opt_state, step, healthy, batch):
     key = jax.random.fold_in(jax.random.key(seed), step)  # dropout: the same on resume
+    learn, frozen = split_trained(params, trained)
     if accum_steps == 1:
-      (total, tokens), grads = grad_fn(params, graphdef, batch, key, label_smoothing)
+      (total, tokens), grads = grad_fn(learn, frozen, graphdef, batch, key, label_smoothing)
     else:
       def one(carry, xs):
         j, mb = xs
-        (t, n), g = grad_fn(params, graphdef, mb, jax.random.fold_in(key, j), label_smoothing)
+        (t, n), g = grad_fn(learn, frozen, graphdef, mb, jax.random.fold_in(key, j),
+                            label_smoothing)
         acc_g, acc_t, acc_n = carry
         return (jax.tree.map(jnp.add, acc_g, g), acc_t + t, acc_n + n), None
 
-      zeros = jax.tree.map(jnp.zeros_like, params)
+      zeros = jax.tree.map(jnp.zeros_like, learn)
       (grads, total, tokens), _ = jax.lax.scan(
           one, (zeros, jnp.float32(0), jnp.float32(0)),
           (jnp.arange(accum_steps), micro_batches(batch, accum_steps, batch_sharding)))
@@ -96,14 +118,15 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
     apply = ok & healthy
 
     def update(state):
-      params, opt_state = state
-      updates, new_opt = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), new_opt
+      learn, opt_state = state
+      updates, new_opt = tx.update(grads, opt_state, learn)
+      return optax.apply_updates(learn, updates), new_opt
 
     # A branch, not a select between old and new: the update then runs in
     # place in the donated buffers (a select made XLA copy the whole
     # optimiser state first).
-    new_params, new_opt = jax.lax.cond(apply, update, lambda state: state, (params, opt_state))
+    learn, new_opt = jax.lax.cond(apply, update, lambda state: state, (learn, opt_state))
+    new_params = nnx.merge_state(learn, frozen)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/learning_rate": schedule(step), "train/tokens": tokens,
                "train/skipped_records": batch["skipped"].sum(),
@@ -121,8 +144,8 @@ class Setup:
   param_sh: Any
   abs_opt: Any
   opt_sh: Any
-  tx: optax.GradientTransformation
   init: Callable[[], tuple[Any, Any]]  # fresh (params, opt_state), created sharded
+  init_opt: Callable[[Any], Any]  # params -> a fresh opt_state, created sharded
   train_step: Any  # jitted; donates params, opt_state and step
 
 
@@ -135,22 +158,26 @@ def setup(cfg: ConfigDict, mesh: Mesh) -> Setup:
 
   graphdef, abs_params, param_sh = params_lib.abstract_model(cfg, mesh)
   tx = optim.optimizer(cfg.train)
-  abs_opt = jax.eval_shape(tx.init, abs_params)
+  trained = optim.trained_filter(cfg, abs_params)
+  init_opt = lambda params: tx.init(split_trained(params, trained)[0])
+  abs_opt = jax.eval_shape(init_opt, abs_params)
   # Optimiser moments shard like their parameters; counts and the like replicate.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, param_sh,
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt,
+                                 split_trained(param_sh, trained)[0],
                                  transform_non_params=lambda _: sharding.replicated(mesh))
 
   def init():
     params = nnx.state(build_captioner(cfg.model, cfg.seed))
-    return params, tx.init(params)
+    return params, init_opt(params)
 
   step_sh = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
       make_train_step(graphdef, tx, optim.schedule(cfg.train), cfg.seed, cfg.train.accum_steps,
-                      cfg.train.label_smoothing, batch_sh),
+                      cfg.train.label_smoothing, batch_sh, trained),
       in_shardings=(param_sh, opt_sh, step_sh, step_sh, batch_sh),
       out_shardings=(param_sh, opt_sh, step_sh, step_sh, step_sh),
       donate_argnums=(0, 1, 2))
-  return Setup(graphdef, abs_params, param_sh, abs_opt, opt_sh, tx,
-               jax.jit(init, out_shardings=(param_sh, opt_sh)), train_step)
+  return Setup(graphdef, abs_params, param_sh, abs_opt, opt_sh,
+               jax.jit(init, out_shardings=(param_sh, opt_sh)),
+               jax.jit(init_opt, out_shardings=opt_sh), train_step)

@@ -16,7 +16,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from trainer.models.gpt2 import GPT2, GPT2Config
-from trainer.models.layers import dense
+from trainer.models import lora
+from trainer.models.layers import dense, fold
 from trainer.models.vit import ViT, ViTConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -42,10 +43,10 @@ class Captioner(nnx.Module):
     std = jnp.asarray(self.image_std, jnp.float32)
     x = (images.astype(jnp.float32) / 255.0 - mean) / std
     h = self.encoder(x, key)
-    return self.enc_to_dec_proj(h) if self.enc_to_dec_proj is not None else h
+    return self.enc_to_dec_proj(h, fold(key, 2)) if self.enc_to_dec_proj is not None else h
 
   def cross_kv(self, images: jax.Array, key: jax.Array | None = None):
-    return self.decoder.cross_kv(self.encode(images, key))
+    return self.decoder.cross_kv(self.encode(images, key), fold(key, 3))
 
   def __call__(self, images: jax.Array, input_ids: jax.Array,
                key: jax.Array | None = None) -> jax.Array:
@@ -59,10 +60,15 @@ class Captioner(nnx.Module):
 
 
 def build_captioner(model_cfg: ConfigDict, seed: int = 0) -> Captioner:
-  """Builds a captioner from the config's `model` section."""
-  return Captioner(
+  """Builds a captioner from the config's `model` section, with LoRA
+  adapters where `model.lora.rank` > 0."""
+  model = Captioner(
       ViTConfig.from_dict(model_cfg.encoder.to_dict()),
       GPT2Config.from_dict(model_cfg.decoder.to_dict()),
       model_cfg.image_mean, model_cfg.image_std,
       rngs=nnx.Rngs(seed), dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat,
       scan=model_cfg.scan_layers)
+  spec = lora.Spec.of(model_cfg)
+  if spec is not None:
+    lora.add_adapters(model, spec, seed)
+  return model

@@ -59,16 +59,20 @@ class _Attention(nnx.Module):
     self.resid_pdrop = cfg.resid_pdrop
 
   def _attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask, key) -> jax.Array:
-    q = split_heads(self.query(x), self.num_heads)
+    q = split_heads(self.query(x, fold(key, 2)), self.num_heads)
     h = attend(q, k, v, mask, self.attn_pdrop, fold(key, 0))
-    return dropout(self.out(h), self.resid_pdrop, fold(key, 1))
+    return dropout(self.out(h, fold(key, 3)), self.resid_pdrop, fold(key, 1))
+
+  def _kv(self, x: jax.Array, key: jax.Array | None) -> KV:
+    return (heads_first(self.key(x, fold(key, 4)), self.num_heads),
+            heads_first(self.value(x, fold(key, 5)), self.num_heads))
 
 
 class SelfAttention(_Attention):
 
   def __call__(self, x: jax.Array, cache: KV | None, index: jax.Array | int,
                key: jax.Array | None) -> tuple[jax.Array, KV | None]:
-    k, v = heads_first(self.key(x), self.num_heads), heads_first(self.value(x), self.num_heads)
+    k, v = self._kv(x, key)
     lq = x.shape[1]
     if cache is None:
       mask = jnp.tril(jnp.ones((lq, lq), bool))
@@ -85,9 +89,8 @@ class SelfAttention(_Attention):
 
 class CrossAttention(_Attention):
 
-  def kv(self, encoder_hidden: jax.Array) -> KV:
-    return (heads_first(self.key(encoder_hidden), self.num_heads),
-            heads_first(self.value(encoder_hidden), self.num_heads))
+  def kv(self, encoder_hidden: jax.Array, key: jax.Array | None = None) -> KV:
+    return self._kv(encoder_hidden, key)
 
   def __call__(self, x: jax.Array, kv: KV, key: jax.Array | None) -> jax.Array:
     return self._attend(x, kv[0], kv[1], None, key)
@@ -134,10 +137,11 @@ class GPT2(nnx.Module):
     self.h = layer_stack(lambda r: Block(cfg, r, dtype), cfg.n_layer, rngs, scan)
     self.ln_f = layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, rngs, dtype)
 
-  def cross_kv(self, encoder_hidden: jax.Array):
-    """Cross-attention keys and values of every layer, once per image."""
-    return over_layers(self.h, lambda block, h, _: (h, block.crossattention.kv(h)),
-                       encoder_hidden, layer_keys(None, self.cfg.n_layer, self.scan),
+  def cross_kv(self, encoder_hidden: jax.Array, key: jax.Array | None = None):
+    """Cross-attention keys and values of every layer, once per image.
+    `key`: dropout in LoRA adapters (training)."""
+    return over_layers(self.h, lambda block, h, k: (h, block.crossattention.kv(h, k)),
+                       encoder_hidden, layer_keys(key, self.cfg.n_layer, self.scan),
                        self.scan)[1]
 
   def init_cache(self, batch: int, max_length: int):

@@ -87,11 +87,32 @@ def normal(stddev: float = 0.02) -> Callable:
   return nnx.initializers.normal(stddev)
 
 
+class Dense(nnx.Linear):
+  """A linear layer that may carry a LoRA adapter (`trainer.models.lora`):
+  y = x W + b + scale * dropout(x) A B, with A [in, r] and B [r, out]."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.lora_a = None
+    self.lora_b = None
+    self.lora_scale = 0.0
+    self.lora_dropout = 0.0
+
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """`key`: dropout on the adapter's input (training); none without it."""
+    y = super().__call__(x)
+    if self.lora_a is None:
+      return y
+    h = dropout(x, self.lora_dropout, key).astype(y.dtype)
+    a, b = self.lora_a[...].astype(y.dtype), self.lora_b[...].astype(y.dtype)
+    return y + (h @ a @ b) * jnp.asarray(self.lora_scale, y.dtype)
+
+
 def dense(features_in: int, features_out: int, names: tuple[str | None, str | None],
-          rngs: nnx.Rngs, dtype, stddev: float = 0.02, use_bias: bool = True) -> nnx.Linear:
-  return nnx.Linear(features_in, features_out, use_bias=use_bias, dtype=dtype,
-                    kernel_init=named(normal(stddev), *names),
-                    bias_init=named(nnx.initializers.zeros, names[1]), rngs=rngs)
+          rngs: nnx.Rngs, dtype, stddev: float = 0.02, use_bias: bool = True) -> Dense:
+  return Dense(features_in, features_out, use_bias=use_bias, dtype=dtype,
+               kernel_init=named(normal(stddev), *names),
+               bias_init=named(nnx.initializers.zeros, names[1]), rngs=rngs)
 
 
 def layer_norm(features: int, eps: float, rngs: nnx.Rngs, dtype) -> nnx.LayerNorm:
@@ -201,4 +222,5 @@ class Mlp(nnx.Module):
     self.dropout_rate = dropout_rate
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    return dropout(self.proj(ACTIVATIONS[self.activation](self.fc(x))), self.dropout_rate, key)
+    h = ACTIVATIONS[self.activation](self.fc(x, fold(key, 1)))
+    return dropout(self.proj(h, fold(key, 2)), self.dropout_rate, key)

@@ -47,10 +47,11 @@ class ViTAttention(nnx.Module):
     self.out_dropout = cfg.hidden_dropout_prob
 
   def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
-    q = split_heads(self.query(x), self.num_heads)
-    k, v = heads_first(self.key(x), self.num_heads), heads_first(self.value(x), self.num_heads)
+    q = split_heads(self.query(x, fold(key, 2)), self.num_heads)
+    k = heads_first(self.key(x, fold(key, 3)), self.num_heads)
+    v = heads_first(self.value(x, fold(key, 4)), self.num_heads)
     h = attend(q, k, v, None, self.probs_dropout, fold(key, 0))
-    return dropout(self.out(h), self.out_dropout, fold(key, 1))
+    return dropout(self.out(h, fold(key, 5)), self.out_dropout, fold(key, 1))
 
 
 class ViTLayer(nnx.Module):
