@@ -103,9 +103,12 @@ class Dense(nnx.Linear):
     y = super().__call__(x)
     if self.lora_a is None:
       return y
-    h = dropout(x, self.lora_dropout, key).astype(y.dtype)
+    # On rows [N, in], the scale on the rank-r intermediate: with the batch
+    # and length axes kept apart, these narrow products' backward pass took
+    # four times as long on the CPU (a ViT-B/16 + GPT-2 LoRA step: 7.5 s, 5.6 s).
+    h = dropout(x, self.lora_dropout, key).astype(y.dtype).reshape(-1, x.shape[-1])
     a, b = self.lora_a[...].astype(y.dtype), self.lora_b[...].astype(y.dtype)
-    return y + (h @ a @ b) * jnp.asarray(self.lora_scale, y.dtype)
+    return y + (((h @ a) * jnp.asarray(self.lora_scale, y.dtype)) @ b).reshape(y.shape)
 
 
 def dense(features_in: int, features_out: int, names: tuple[str | None, str | None],
