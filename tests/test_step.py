@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from trainer import step as step_lib
+from trainer import optim, step as step_lib
 from trainer.models.captioner import Captioner
 from trainer.models.gpt2 import GPT2Config
 from trainer.models.vit import ViTConfig
@@ -51,6 +51,25 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_clipping_by_the_steps_norm_equals_optax(max_norm):
+  """optim.clip_by_global_norm (from the norm the step computed) against
+  optax.clip_by_global_norm, clipping (1e-3) and not (1e3), under SGD, where
+  the clip shows in the parameters."""
+  graphdef, params, batch = _model_and_batch()
+  outs = []
+  for clip in (optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)):
+    fn, opt = _step(graphdef, params, tx=optax.chain(clip, optax.sgd(1.0)))
+    outs.append(fn(params, opt, jnp.int32(0), jnp.bool_(True), batch))
+  (ours, _, _, _, m), (ref, _, _, _, _) = outs
+  assert (float(m["train/grad_norm"]) > max_norm) == (max_norm < 1)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  moved = max(float(jnp.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(ours), jax.tree.leaves(params)))
+  assert (moved < 2e-3) == (max_norm < 1), moved  # a clipped step moves at most max_norm
 
 
 def test_micro_batches_take_every_kth_row():

@@ -2,9 +2,11 @@
 whole global batch (label smoothing optional), gradient accumulation over
 micro-batches, and a guard that never applies a non-finite update.
 
-Accumulation sums each micro-batch's token losses and token counts and
-divides once at the end, so k micro-batches of B give the step one batch of
-kB would (to float rounding), whatever the padding in each.
+The whole batch's token count is known before the gradient (the loss
+mask's sum), so each token's loss is weighted by its reciprocal inside the
+gradient: the gradients come out as the mean's, with no pass over them
+afterwards, and k micro-batches of B sum to what one batch of kB gives (to
+float rounding), whatever the padding in each.
 """
 
 from __future__ import annotations
@@ -84,34 +86,36 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
   later steps change nothing either: a run stopped on it keeps its last good
   state. Pass `healthy` True each step to skip bad steps instead.
   """
-  def loss_of(learn, frozen, *args):
+  def loss_of(learn, frozen, scale, *args):
     # `frozen` comes in as it was made outside the gradient's trace; nnx's
     # scan (scan_layers) refuses Variables of another trace level, so copy
     # it into this one.
     frozen = jax.tree.map(lambda x: x, frozen)
-    return token_losses(nnx.merge_state(learn, frozen), *args)
+    total, _ = token_losses(nnx.merge_state(learn, frozen), *args)
+    return total * scale, total
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  tx = optax.with_extra_args_support(tx)  # takes the gradient norm (optim.clip_by_global_norm)
 
   def train_step(params, opt_state, step, healthy, batch):
     key = jax.random.fold_in(jax.random.key(seed), step)  # dropout: the same on resume
     learn, frozen = split_trained(params, trained)
+    tokens = batch["loss_mask"].sum()
+    scale = 1.0 / jnp.maximum(tokens, 1.0)
     if accum_steps == 1:
-      (total, tokens), grads = grad_fn(learn, frozen, graphdef, batch, key, label_smoothing)
+      (_, total), grads = grad_fn(learn, frozen, scale, graphdef, batch, key, label_smoothing)
     else:
       def one(carry, xs):
         j, mb = xs
-        (t, n), g = grad_fn(learn, frozen, graphdef, mb, jax.random.fold_in(key, j),
+        (_, t), g = grad_fn(learn, frozen, scale, graphdef, mb, jax.random.fold_in(key, j),
                             label_smoothing)
-        acc_g, acc_t, acc_n = carry
-        return (jax.tree.map(jnp.add, acc_g, g), acc_t + t, acc_n + n), None
+        acc_g, acc_t = carry
+        return (jax.tree.map(jnp.add, acc_g, g), acc_t + t), None
 
       zeros = jax.tree.map(jnp.zeros_like, learn)
-      (grads, total, tokens), _ = jax.lax.scan(
-          one, (zeros, jnp.float32(0), jnp.float32(0)),
+      (grads, total), _ = jax.lax.scan(
+          one, (zeros, jnp.float32(0)),
           (jnp.arange(accum_steps), micro_batches(batch, accum_steps, batch_sharding)))
-    scale = 1.0 / jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g * scale, grads)
     loss = total * scale
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -119,7 +123,7 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
 
     def update(state):
       learn, opt_state = state
-      updates, new_opt = tx.update(grads, opt_state, learn)
+      updates, new_opt = tx.update(grads, opt_state, learn, grad_norm=grad_norm)
       return optax.apply_updates(learn, updates), new_opt
 
     # A branch, not a select between old and new: the update then runs in
