@@ -45,7 +45,7 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
     raise ValueError(f"--peft: {checkpoint_path} has no LoRA adapters (model.lora.rank is 0)")
   adapter = hf_checkpoint.to_peft(pure, enc, dec) if peft else None
   if spec is not None:  # the base weights, or W + (alpha / rank) A B
-    pure = lora.merge(pure, 0.0 if peft else spec.scale)
+    pure = lora.strip(pure) if peft else lora.merge(pure, spec.scale)
   tensors = hf_checkpoint.to_hf(pure, enc, dec)
   tensors.pop("decoder.lm_head.weight")  # tied to the token embedding on load
 

@@ -7,7 +7,8 @@ adapters computes exactly what its base model does. The adapters are
 parameters `.../lora_a` and `.../lora_b` beside the layer's kernel, with the
 kernel's logical axes (and its leading `layers` axis when layers are scanned).
 
-`merge` folds them into the kernels: W + (alpha / rank) A B.
+`merge` folds them into the kernels: W + (alpha / rank) A B; `strip` drops
+them, leaving the base model.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,13 +67,12 @@ def layer_name(path) -> str:
   return "/".join(str(p) for p in path)
 
 
-def add_adapters(model: nnx.Module, spec: Spec, seed: int) -> list[str]:
-  """Gives every linear layer whose name matches `spec.targets` an adapter;
-  returns their names. Works on either layer layout (a stacked layer gets
-  stacked adapters)."""
+def add_adapters(model: nnx.Module, spec: Spec, seed: int) -> None:
+  """Gives every linear layer whose name matches `spec.targets` an adapter.
+  Works on either layer layout (a stacked layer gets stacked adapters)."""
   regex = re.compile(spec.targets)
   key = jax.random.fold_in(jax.random.key(seed), 0x10a)
-  names = []
+  adapted = 0
   for path, module in nnx.iter_modules(model):
     name = layer_name(path)
     if not isinstance(module, Dense) or not regex.search(name):
@@ -81,7 +81,7 @@ def add_adapters(model: nnx.Module, spec: Spec, seed: int) -> list[str]:
     axes = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
     *lead, n_in, n_out = kernel.shape
     bound = 1.0 / math.sqrt(n_in)
-    a = jax.random.uniform(jax.random.fold_in(key, len(names)), (*lead, n_in, spec.rank),
+    a = jax.random.uniform(jax.random.fold_in(key, adapted), (*lead, n_in, spec.rank),
                            jnp.float32, -bound, bound)
     b = jnp.zeros((*lead, spec.rank, n_out), jnp.float32)
     module.lora_a = nnx.data(nnx.Param(a, out_sharding=(*axes[:-1], None), eager_sharding=False))
@@ -89,24 +89,31 @@ def add_adapters(model: nnx.Module, spec: Spec, seed: int) -> list[str]:
                                        eager_sharding=False))
     module.lora_scale = spec.scale
     module.lora_dropout = spec.dropout
-    names.append(name)
-  if not names:
+    adapted += 1
+  if not adapted:
     raise ValueError(f"model.lora.targets={spec.targets!r} matches no linear layer "
                      "(names look like decoder/h/0/attn/query or encoder/layers/0/mlp/fc)")
-  return names
+
+
+def _without_adapters(pure: dict, fold: Callable | None) -> dict:
+  out: dict[Any, Any] = {k: _without_adapters(v, fold) if isinstance(v, dict) else v
+                         for k, v in pure.items()}
+  if "lora_a" in out:
+    a, b = out.pop("lora_a"), out.pop("lora_b")
+    if fold is not None:
+      out["kernel"] = fold(out["kernel"], a, b)
+  return out
 
 
 def merge(pure: dict, scale: float) -> dict:
   """A pure parameter dict with every adapter folded into its kernel
   (W + scale A B) and removed; arrays without adapters are shared."""
-  out: dict[Any, Any] = {}
-  for k, v in pure.items():
-    out[k] = merge(v, scale) if isinstance(v, dict) else v
-  if "lora_a" in out:
-    a, b = out.pop("lora_a"), out.pop("lora_b")
-    kernel = out["kernel"]
-    out["kernel"] = (kernel + scale * (a @ b)).astype(kernel.dtype)
-  return out
+  return _without_adapters(pure, lambda w, a, b: (w + scale * (a @ b)).astype(w.dtype))
+
+
+def strip(pure: dict) -> dict:
+  """A pure parameter dict without its adapters: the base model's."""
+  return _without_adapters(pure, None)
 
 
 def adapters_only(pure: dict) -> dict:
