@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, TINY_CONFIG, run_capjax
+from tests.test_writers import tensorboard_scalars
 
 
 def _train(workdir, prepared, *overrides, check=True):
@@ -142,6 +143,12 @@ def test_killed_run_resumes_exactly(prepared, run_10_steps, tmp_path):
   assert _losses(tmp_path) == _losses(run_10_steps)
   for a, b in zip(_params(tmp_path, 10), _params(run_10_steps, 10)):
     assert (a == b).all()
+  # TensorBoard, read as written (no reader's purge), holds each step once:
+  # the killed run's steps past its checkpoint were dropped on resume.
+  logged = tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
+  assert [s for s, _ in logged] == list(range(1, 11))
+  assert [np.float32(v) for _, v in logged] == [np.float32(l) for l in
+                                                _losses(run_10_steps).values()]
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_0(prepared, run_10_steps, tmp_path):

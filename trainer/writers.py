@@ -1,14 +1,17 @@
 """Metric output: CLU writers (TensorBoard event files) plus `metrics.jsonl`,
 one JSON object per line with `step` and the scalars of that step.
 
-Only process 0 writes; the others get a writer that does nothing.
+Only process 0 writes; the others get a writer that does nothing. A resumed
+run first drops what the interrupted one logged past its checkpoint, from
+both, so every reader sees each step once.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+import struct
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -20,10 +23,49 @@ def _plain(v: Any) -> float:
   return float(np.asarray(v))
 
 
+def _records(f) -> Iterator[tuple[bytes, int]]:
+  """An event file's TFRecords, whole (length, its CRC, the Event, its CRC),
+  with each Event's step; a record cut short (a killed writer) ends it."""
+  from tensorboard.compat.proto import event_pb2
+
+  while len(head := f.read(12)) == 12:
+    (n,) = struct.unpack("<Q", head[:8])
+    rest = f.read(n + 4)
+    if len(rest) < n + 4:
+      return
+    yield head + rest, event_pb2.Event.FromString(rest[:n]).step
+
+
+def trim_events(folder: str, last_step: int) -> None:
+  """Rewrites each TensorBoard event file in `folder` holding events past
+  `last_step` (or a cut-short record) without them, whole or not at all.
+  TensorBoard's own purge of such steps depends on the reader."""
+  if not os.path.isdir(folder):
+    return
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if "tfevents" not in name or not os.path.isfile(path):
+      continue
+    with open(path, "rb") as f:
+      kept = total = 0
+      for record, step in _records(f):
+        total += len(record)
+        kept += len(record) if step <= last_step else 0
+      whole = f.tell() == total
+    if whole and kept == total:
+      continue
+    tmp = os.path.join(folder, f".trim-{os.getpid()}")  # no "tfevents": readers skip it
+    with open(path, "rb") as f, open(tmp, "wb") as out:
+      for record, step in _records(f):
+        if step <= last_step:
+          out.write(record)
+    os.replace(tmp, path)
+
+
 def create_writer(workdir: str, resume_step: int = 0):
   """A CLU MultiWriter: TensorBoard summaries and metrics.jsonl (process 0).
-  metrics.jsonl keeps no rows past `resume_step`: a run killed after its
-  last checkpoint logs those steps again."""
+  Neither keeps anything past `resume_step`: a run killed after its last
+  checkpoint logs those steps again."""
   from clu import metric_writers  # imports TensorFlow: keep it off import paths
 
   class JsonlWriter(metric_writers.MetricWriter):
@@ -69,6 +111,7 @@ def create_writer(workdir: str, resume_step: int = 0):
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   os.makedirs(workdir, exist_ok=True)
+  trim_events(os.path.join(workdir, "tensorboard"), resume_step)
   return metric_writers.MultiWriter([
       metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
       JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step),

@@ -1,0 +1,41 @@
+"""Metric writers: a resumed run's TensorBoard files hold each step once."""
+
+import glob
+import os
+
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from trainer import writers
+
+
+def tensorboard_scalars(folder, tag: str) -> list[tuple[int, float]]:
+  """(step, value) of every event of `tag` in the folder's event files, as
+  written: without TensorBoard's purge of steps it saw before."""
+  acc = event_accumulator.EventAccumulator(str(folder), purge_orphaned_data=False,
+                                           size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
+def test_trim_drops_steps_past_the_checkpoint_and_a_cut_short_record(tmp_path):
+  w = writers.create_writer(str(tmp_path))
+  for s in range(1, 6):
+    w.write_scalars(s, {"train/loss": float(s)})
+  w.close()
+  (path,) = glob.glob(str(tmp_path / "tensorboard" / "*tfevents*"))
+  with open(path, "ab") as f:
+    f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00\x01\x02")  # a record the kill cut short
+  size = os.path.getsize(path)
+
+  writers.trim_events(str(tmp_path / "tensorboard"), 3)
+  assert tensorboard_scalars(tmp_path / "tensorboard", "train/loss") == [
+      (1, 1.0), (2, 2.0), (3, 3.0)]
+  assert os.path.getsize(path) < size
+  assert os.listdir(tmp_path / "tensorboard") == [os.path.basename(path)]  # no leftovers
+
+  trimmed = open(path, "rb").read()
+  writers.trim_events(str(tmp_path / "tensorboard"), 3)  # nothing past 3: untouched
+  assert open(path, "rb").read() == trimmed
+  assert np.isclose(tensorboard_scalars(tmp_path / "tensorboard", "train/loss")[-1][1], 3.0)
