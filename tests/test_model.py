@@ -56,6 +56,53 @@ def test_gelu_gradient_equals_autodiff(approximate, dtype):
                                 jax.nn.gelu(x, approximate=approximate))
 
 
+def _textbook_attention(q, k, v, mask, rate, key):
+  """softmax(q k^T / sqrt(d)) v with dropout, per query group, left to autodiff."""
+  n, lq, h, d = q.shape
+  b = k.shape[0]
+  qg = q.reshape(b, n // b, lq, h, d)
+  s = jnp.einsum("bgqhd,bhkd->bghqk", qg, k).astype(jnp.float32) / np.sqrt(d)
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  if rate:  # the mask attend draws: [B, H, G * Lq, Lk]
+    keep = jax.random.bernoulli(key, 1 - rate, (b, h, n // b * lq, k.shape[2]))
+    keep = keep.reshape(b, h, n // b, lq, -1).transpose(0, 2, 1, 3, 4)
+    p = jnp.where(keep, p / (1 - rate), 0)
+  out = jnp.einsum("bghqk,bhkd->bgqhd", p.astype(v.dtype), v)
+  return out.reshape(n, lq, h * d)
+
+
+@pytest.mark.parametrize("groups,causal,rate,dtype", [
+    (2, False, 0.0, jnp.float32), (1, True, 0.3, jnp.float32), (3, True, 0.2, jnp.float32),
+    (2, False, 0.2, jnp.bfloat16)])
+def test_attention_gradient_equals_autodiff(groups, causal, rate, dtype):
+  """layers.attend's written-out backward pass against autodiff of the
+  textbook formula: shared keys per query group, causal mask, dropout."""
+  from trainer.models import layers
+
+  rng = np.random.default_rng(0)
+  b, lq, lk, h, d = 2, 5, 5 if causal else 9, 3, 8
+  q = jnp.asarray(rng.normal(size=(b * groups, lq, h, d)), dtype)
+  k, v = (jnp.asarray(rng.normal(size=(b, h, lk, d)), dtype) for _ in range(2))
+  w = jnp.asarray(rng.normal(size=(b * groups, lq, h * d)), jnp.float32)
+  mask = jnp.tril(jnp.ones((lq, lk), bool)) if causal else None
+  key = jax.random.key(3)
+
+  def value_and_grads(attention):
+    loss = lambda q, k, v: (attention(q, k, v, mask, rate, key).astype(jnp.float32) * w).sum()
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  (ours, ours_g), (want, want_g) = value_and_grads(layers.attend), value_and_grads(
+      _textbook_attention)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(ours, want, rtol=tol)
+  for a, b_ in zip(ours_g, want_g):
+    assert a.dtype == dtype
+    np.testing.assert_allclose(np.float32(a), np.float32(b_), rtol=tol, atol=tol)
+    assert float(jnp.abs(np.float32(a)).max()) > 0.1  # gradients that say something
+
+
 def test_cached_greedy_equals_full_recompute():
   m = _model()
   rng = np.random.default_rng(1)

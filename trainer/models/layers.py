@@ -150,12 +150,49 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   b = k.shape[0]
   g = n // b
   qg = q.reshape(b, g, lq, h, d).transpose(0, 3, 1, 2, 4).reshape(b, h, g * lq, d)
-  scores = jnp.einsum("bhqd,bhkd->bhqk", qg, k).astype(jnp.float32) / math.sqrt(d)
-  if mask is not None:
-    scores = jnp.where(jnp.tile(mask, (g, 1)), scores, jnp.finfo(jnp.float32).min)
-  probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, key).astype(v.dtype)
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+  allowed = None if mask is None else jnp.tile(mask, (g, 1))
+  keep = None  # dropout's mask, drawn as `dropout` draws it
+  if key is not None and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(key, 1.0 - dropout_rate, (b, h, g * lq, k.shape[2]))
+  out = _attention(qg, k, v, allowed, keep, dropout_rate)
   return out.reshape(b, h, g, lq, d).transpose(0, 2, 3, 1, 4).reshape(n, lq, h * d)
+
+
+# Attention with its gradient written out: softmax(q k^T / sqrt(d)) v with
+# q, k, v [B, H, L, d], `allowed` [Lq, Lk] (or None) and dropout's `keep`
+# mask (or None). The same products and the same softmax gradient as
+# autodiff's, but XLA:CPU ran autodiff's version of the backward pass a third
+# slower (ViT-B/16's attention: 47 ms a layer forward and backward, 35 ms).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, allowed, keep, rate):
+  return _attention_fwd(q, k, v, allowed, keep, rate)[0]
+
+
+def _dropped(p: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+  return p if keep is None else jnp.where(keep, p / (1.0 - rate), 0)
+
+
+def _attention_fwd(q, k, v, allowed, keep, rate):
+  scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  if allowed is not None:
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bhqk,bhkd->bhqd", _dropped(p, keep, rate).astype(v.dtype), v)
+  return out, (q, k, v, p, keep)
+
+
+def _attention_bwd(rate, res, g):
+  q, k, v, p, keep = res
+  dv = jnp.einsum("bhqk,bhqd->bhkd", _dropped(p, keep, rate).astype(v.dtype), g)
+  dp = _dropped(jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32), keep, rate)
+  # softmax's gradient; masked keys have p = 0, so none flows to them.
+  ds = (p * (dp - (dp * p).sum(-1, keepdims=True)) / math.sqrt(q.shape[-1])).astype(q.dtype)
+  dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+  dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q).astype(k.dtype)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
