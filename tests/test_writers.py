@@ -28,6 +28,7 @@ def test_trim_drops_steps_past_the_checkpoint_and_a_cut_short_record(tmp_path):
   with open(path, "ab") as f:
     f.write(b"\x30\x00\x00\x00\x00\x00\x00\x00\x01\x02")  # a record the kill cut short
   size = os.path.getsize(path)
+  (tmp_path / "tensorboard" / ".trim-12345").write_bytes(b"half")  # a killed trim's
 
   writers.trim_events(str(tmp_path / "tensorboard"), 3)
   assert tensorboard_scalars(tmp_path / "tensorboard", "train/loss") == [

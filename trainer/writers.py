@@ -44,6 +44,9 @@ def trim_events(folder: str, last_step: int) -> None:
     return
   for name in sorted(os.listdir(folder)):
     path = os.path.join(folder, name)
+    if name.startswith(".trim-"):  # left by a process killed while trimming
+      os.remove(path)
+      continue
     if "tfevents" not in name or not os.path.isfile(path):
       continue
     with open(path, "rb") as f:
