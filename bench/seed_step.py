@@ -13,7 +13,9 @@ needs transformers < 5); prints one JSON line.
 
 import argparse
 import json
+import os
 import resource
+import sys
 import time
 
 import jax
@@ -71,7 +73,13 @@ def main():
   p.add_argument("--batch", type=int, required=True)
   p.add_argument("--length", type=int, required=True)
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--keep-freed-memory", action="store_true",
+                 help="capjax's host-memory setting (trainer/host_memory.py), for comparison")
   args = p.parse_args()
+  if args.keep_freed_memory:  # before JAX starts its threads
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from trainer import host_memory
+    assert host_memory.share_one_arena()
   enc = ViTConfig(**json.load(open(args.encoder_json)))
   dec = GPT2Config(**json.load(open(args.decoder_json)), add_cross_attention=True,
                    is_decoder=True)
@@ -98,9 +106,11 @@ def main():
          "decoder_attention_mask": np.ones((args.batch, args.length), np.int32)}
     return {k: v.reshape(devices, per, *v.shape[1:]) for k, v in b.items()}
 
-  for _ in range(2):  # compile and warm up
+  for i in range(2):  # compile and warm up
     state, m = p_step(state, batch())
     jax.block_until_ready(m)
+    if i == 0 and args.keep_freed_memory:
+      host_memory.keep_freed_memory()  # as `capjax train` does after its first step
   times = []
   for _ in range(args.steps):
     host = batch()  # ready before the clock starts, as a loader would have it

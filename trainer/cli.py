@@ -308,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   from absl import flags, logging as absl_logging
   flags.FLAGS.mark_as_parsed()
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's notes on routine calls
+  if args.command == "train":
+    from trainer import host_memory
+    host_memory.share_one_arena()  # before JAX starts its threads
   try:
     if args.command == "prepare":
       return _prepare(args)

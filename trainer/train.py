@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from pipeline import loader, prepare, tokenizer as tokenizer_lib, transforms
-from trainer import checkpoint, config as config_lib, sharding, writers
+from trainer import checkpoint, config as config_lib, host_memory, sharding, writers
 from trainer import flops as flops_lib, params as params_lib, step as step_lib
 
 
@@ -272,6 +272,9 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
         compiled = lowered.compile()
         flops = flops_lib.step_flops(lowered, mesh.size)
       params, opt_state, step, healthy, metrics = compiled(params, opt_state, step, carry, batch)
+      if s == start + 1:  # the step's scratch memory, kept for the next (CPU)
+        jax.block_until_ready(metrics)
+        host_memory.keep_freed_memory()
       if pending is not None:
         log(*pending)
       pending = (s, metrics)
