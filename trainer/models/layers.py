@@ -151,9 +151,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
   g = n // b
   qg = q.reshape(b, g, lq, h, d).transpose(0, 3, 1, 2, 4).reshape(b, h, g * lq, d)
   allowed = None if mask is None else jnp.tile(mask, (g, 1))
-  keep = None  # dropout's mask, drawn as `dropout` draws it
+  keep = None
   if key is not None and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(key, 1.0 - dropout_rate, (b, h, g * lq, k.shape[2]))
+    keep = dropout_mask(key, dropout_rate, (b, h, g * lq, k.shape[2]))
   out = _attention(qg, k, v, allowed, keep, dropout_rate)
   return out.reshape(b, h, g, lq, d).transpose(0, 2, 3, 1, 4).reshape(n, lq, h * d)
 
@@ -168,23 +168,19 @@ def _attention(q, k, v, allowed, keep, rate):
   return _attention_fwd(q, k, v, allowed, keep, rate)[0]
 
 
-def _dropped(p: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
-  return p if keep is None else jnp.where(keep, p / (1.0 - rate), 0)
-
-
 def _attention_fwd(q, k, v, allowed, keep, rate):
   scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
   if allowed is not None:
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhqk,bhkd->bhqd", _dropped(p, keep, rate).astype(v.dtype), v)
+  out = jnp.einsum("bhqk,bhkd->bhqd", apply_dropout(p, keep, rate).astype(v.dtype), v)
   return out, (q, k, v, p, keep)
 
 
 def _attention_bwd(rate, res, g):
   q, k, v, p, keep = res
-  dv = jnp.einsum("bhqk,bhqd->bhkd", _dropped(p, keep, rate).astype(v.dtype), g)
-  dp = _dropped(jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32), keep, rate)
+  dv = jnp.einsum("bhqk,bhqd->bhkd", apply_dropout(p, keep, rate).astype(v.dtype), g)
+  dp = apply_dropout(jnp.einsum("bhqd,bhkd->bhqk", g, v).astype(jnp.float32), keep, rate)
   # softmax's gradient; masked keys have p = 0, so none flows to them.
   ds = (p * (dp - (dp * p).sum(-1, keepdims=True)) / math.sqrt(q.shape[-1])).astype(q.dtype)
   dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
@@ -199,8 +195,17 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   """Inverted dropout; the identity without a key (evaluation) or at rate 0."""
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  return apply_dropout(x, dropout_mask(key, rate, x.shape), rate).astype(x.dtype)
+
+
+def dropout_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+  """Dropout's mask: True for the elements kept."""
+  return jax.random.bernoulli(key, 1.0 - rate, shape)
+
+
+def apply_dropout(x: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+  """`x` through a drawn mask (none: unchanged), scaled by 1 / (1 - rate)."""
+  return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0)
 
 
 def layer_keys(key: jax.Array | None, n: int, scan: bool):
