@@ -50,12 +50,12 @@ def trim_events(folder: str, last_step: int) -> None:
     if "tfevents" not in name or not os.path.isfile(path):
       continue
     with open(path, "rb") as f:
-      kept = total = 0
+      total, past = 0, False
       for record, step in _records(f):
         total += len(record)
-        kept += len(record) if step <= last_step else 0
-      whole = f.tell() == total
-    if whole and kept == total:
+        past = past or step > last_step
+      whole = f.tell() == total  # else the file ends in a cut-short record
+    if whole and not past:
       continue
     tmp = os.path.join(folder, f".trim-{os.getpid()}")  # no "tfevents": readers skip it
     with open(path, "rb") as f, open(tmp, "wb") as out:
