@@ -25,7 +25,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from trainer import generate, hf_checkpoint, hf_import  # noqa: E402
+from trainer import generate  # noqa: E402
+from trainer.hf import importer, weights  # noqa: E402
 from trainer.models.captioner import Captioner  # noqa: E402
 from trainer.models.gpt2 import GPT2Config  # noqa: E402
 from trainer.models.vit import ViTConfig  # noqa: E402
@@ -53,13 +54,13 @@ def main():
 
   with tempfile.TemporaryDirectory() as folder:  # the checkpoint names, as on disk
     hf.save_pretrained(folder)
-    tensors = hf_import.read_tensors(folder)
+    tensors = importer.read_tensors(folder)
   ours_cfg = (ViTConfig(**enc), GPT2Config(**dec, bos_token_id=eos, eos_token_id=eos,
                                            pad_token_id=eos))
   model = Captioner(*ours_cfg, (0.5,) * 3, (0.5,) * 3, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(params, jax.tree.map(
-      np.asarray, hf_checkpoint.to_capjax(tensors, *ours_cfg, with_projection=False)))
+      np.asarray, weights.to_capjax(tensors, *ours_cfg, with_projection=False)))
   graphdef = nnx.graphdef(model)
 
   rng = np.random.default_rng(0)

@@ -49,7 +49,7 @@ def data(images: int, refs: int, seed: int = 0):
 
 
 def capjax_scores(predictions, references):
-  from trainer import caption_metrics, ptb_tokenizer
+  from trainer.metrics import caption_metrics, ptb_tokenizer
   ptb_tokenizer._CHUNKS.clear()  # timed cold: no pieces remembered from an earlier round
   return caption_metrics.score(predictions, references)
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from trainer import caption_metrics
+from trainer.metrics import caption_metrics
 
 JAVA = shutil.which("java") is not None
 WORDS = ("a the red blue small large circle square on of and to left right shape two man's "
@@ -133,8 +133,8 @@ def test_as_an_evaluate_module_loaded_offline(tmp_path):
   import subprocess
   import sys
 
-  code = ("import json, evaluate, trainer.coco_caption\n"
-          "m = evaluate.load(trainer.coco_caption.PATH)\n"
+  code = ("import json, evaluate, trainer.metrics.coco_caption\n"
+          "m = evaluate.load(trainer.metrics.coco_caption.PATH)\n"
           "print(json.dumps(m.compute(predictions=['A dog runs.', 'two cats'], "
           "references=[['a dog running', 'A brown dog runs!'], ['Two cats sleep.']])))\n")
   env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",

@@ -36,7 +36,7 @@ def test_bad_input_is_one_line_and_nonzero(args, words):
 
 
 def test_metrics_scores_prediction_files(tmp_path):
-  from trainer import caption_metrics
+  from trainer.metrics import caption_metrics
 
   preds = tmp_path / "p.jsonl"
   preds.write_text('{"image": "val/a.jpg", "caption": "A man riding a wave."}\n'

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from pipeline import tokenizer as tokenizer_lib  # noqa: E402
 from tests.conftest import TINY_CONFIG, run_capjax  # noqa: E402
-from trainer import generate, hf_import, params as params_lib  # noqa: E402
+from trainer import generate, params as params_lib  # noqa: E402
+from trainer.hf import importer  # noqa: E402
 from trainer.step import loss_fn  # noqa: E402
 
 CAPTIONS = ["a red circle", "two blue squares on a plain background", "a small green cross"] * 30
@@ -83,8 +84,8 @@ def _inputs(cfg, size, batch=3, length=9, seed=0):
 @pytest.mark.parametrize("name, enc, dec, image_size, scan", CASES, ids=[c[0] for c in CASES])
 def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, image_size, scan):
   hf, folder = _hf_model(tmp_path, enc, dec)
-  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
-                      overrides=_scan(scan[0]))
+  importer.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
+                     overrides=_scan(scan[0]))
   cfg, graphdef, params = _load(tmp_path / "run", _scan(scan[1]))
   assert cfg.model.scan_layers == scan[1]
   size = image_size or enc["image_size"]
@@ -121,8 +122,8 @@ def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, ima
 @pytest.mark.parametrize("name, enc, dec, image_size, scan", CASES, ids=[c[0] for c in CASES])
 def test_beam_search_matches_transformers(tmp_path, name, enc, dec, image_size, scan):
   hf, folder = _hf_model(tmp_path, enc, dec, seed=4, eos_boost=4.0)
-  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
-                      overrides=_scan(scan[0]))
+  importer.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
+                     overrides=_scan(scan[0]))
   cfg, graphdef, params = _load(tmp_path / "run", _scan(scan[1]))
   model = nnx.merge(graphdef, params)
   images, _, pixels = _inputs(cfg, image_size or enc["image_size"], batch=6, seed=5)
@@ -284,7 +285,7 @@ def test_training_starts_from_an_imported_model(tmp_path, prepared):
 def test_no_repeat_ngram_size_matches_transformers(tmp_path):
   _, enc, dec, _, _ = CASES[0]
   hf, folder = _hf_model(tmp_path, enc, dec, seed=7)
-  hf_import.import_hf(str(tmp_path / "run"), hf_dir=str(folder))
+  importer.import_hf(str(tmp_path / "run"), hf_dir=str(folder))
   cfg, graphdef, params = _load(tmp_path / "run")
   model = nnx.merge(graphdef, params)
   images, _, pixels = _inputs(cfg, enc["image_size"], batch=4, seed=8)

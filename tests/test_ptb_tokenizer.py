@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from trainer import ptb_tokenizer
+from trainer.metrics import ptb_tokenizer
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 JAVA = shutil.which("java") is not None

@@ -256,7 +256,7 @@ def _predict(args, overrides) -> int:
 
 def _metrics(args, overrides) -> int:
   from pipeline import atomic
-  from trainer import score_files
+  from trainer.metrics import score_files
 
   if overrides:
     raise ValueError("metrics takes no --config overrides")
@@ -270,13 +270,13 @@ def _metrics(args, overrides) -> int:
 
 
 def _import_hf(args, overrides) -> int:
-  from trainer import hf_import
+  from trainer.hf import importer
 
   for folder in (args.hf_dir, args.encoder, args.decoder):
     if folder is not None and not os.path.isdir(folder):
       raise FileNotFoundError(f"{folder}: no such directory")
-  cfg = hf_import.import_hf(args.out, args.hf_dir, args.encoder, args.decoder, args.config,
-                            overrides, args.image_size)
+  cfg = importer.import_hf(args.out, args.hf_dir, args.encoder, args.decoder, args.config,
+                           overrides, args.image_size)
   print(f"wrote {args.out}: ViT {cfg.model.encoder.num_hidden_layers} x "
         f"{cfg.model.encoder.hidden_size}, GPT-2 {cfg.model.decoder.n_layer} x "
         f"{cfg.model.decoder.n_embd}, images {cfg.data.image_size}px")
@@ -284,16 +284,16 @@ def _import_hf(args, overrides) -> int:
 
 
 def _export_hf(args, overrides) -> int:
-  from trainer import hf_export
+  from trainer.hf import exporter
 
   if overrides:
     raise ValueError("export-hf takes no --config overrides")
   if args.push_to_hub:
-    hf_export.hub_token()  # before the export: a missing token costs nothing
-  out = hf_export.export_hf(args.checkpoint, args.out, peft=args.peft)
+    exporter.hub_token()  # before the export: a missing token costs nothing
+  out = exporter.export_hf(args.checkpoint, args.out, peft=args.peft)
   print(f"wrote {out}")
   if args.push_to_hub:
-    print(hf_export.push_to_hub(out, args.push_to_hub))
+    print(exporter.push_to_hub(out, args.push_to_hub))
   return 0
 
 

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from pipeline import atomic, prepare, synthetic, transforms
-from trainer import caption_metrics, generate, sharding
+from trainer import generate, sharding
+from trainer.metrics import caption_metrics
 from trainer.inference import TrainedCaptioner
 
 

@@ -1,6 +1,6 @@
 """Caption metrics as the COCO caption evaluation (pycocoevalcap) computes
 them, in-process and without Java or downloads: its PTB tokenization
-(`trainer.ptb_tokenizer`), BLEU-1..4 (corpus level, closest reference length),
+(`trainer.metrics.ptb_tokenizer`), BLEU-1..4 (corpus level, closest reference length),
 ROUGE-L (beta 1.2) and CIDEr-D (sigma 6, clipped, x10), the same numbers to
 the last digits. The scorers work on arrays of n-gram ids, all images at once.
 
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trainer import ptb_tokenizer
+from trainer.metrics import ptb_tokenizer
 
 N = 4  # n-gram orders of BLEU and CIDEr-D
 

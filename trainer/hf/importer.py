@@ -21,7 +21,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from pipeline import atomic, tokenizer as tokenizer_lib
-from trainer import checkpoint, config as config_lib, hf_checkpoint, params as params_lib
+from trainer import checkpoint, config as config_lib, params as params_lib
+from trainer.hf import weights
 from trainer.models.captioner import build_captioner
 from trainer.models.gpt2 import GPT2Config
 from trainer.models.vit import ViTConfig
@@ -155,7 +156,7 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
     if sub.get("model_type") != want:
       raise ValueError(f"{name} model_type is {sub.get('model_type')!r}; capjax "
                        f"supports {want!r} here")
-  hf_checkpoint.check_supported(dec, hf_dir or decoder_dir)
+  weights.check_supported(dec, hf_dir or decoder_dir)
   image = read_json(image_dir, "preprocessor_config.json", required=False)
   _model_config(cfg, enc, dec, image, image_size)
 
@@ -174,7 +175,7 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
   model = build_captioner(cfg.model, seed)  # fills what a checkpoint lacks
   params = nnx.state(model, nnx.Param)
   pure = nnx.to_pure_dict(params)
-  loaded = hf_checkpoint.to_capjax(
+  loaded = weights.to_capjax(
       tensors, enc_cfg, dec_cfg, with_projection=bool(hf_dir) and
       enc_cfg.hidden_size != dec_cfg.n_embd, source=hf_dir or f"{encoder_dir} + {decoder_dir}")
   grid = cfg.data.image_size // enc_cfg.patch_size

@@ -1,11 +1,11 @@
 """COCO caption metrics (BLEU-1..4, ROUGE-L, CIDEr-D) as the COCO caption
 evaluation (pycocoevalcap) computes them, PTB tokenization included, in
-Python: capjax's `trainer.caption_metrics` behind `evaluate`'s interface."""
+Python: capjax's `trainer.metrics.caption_metrics` behind `evaluate`'s interface."""
 
 import datasets
 import evaluate
 
-from trainer import caption_metrics
+from trainer.metrics import caption_metrics
 
 _DESCRIPTION = __doc__
 _KWARGS = """

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import regex
 
-from trainer.ptb_rules import ABBREVIATION, NEWLINE, RULES
+from trainer.metrics.ptb_rules import ABBREVIATION, NEWLINE, RULES
 
 # The tokens pycocoevalcap removes after tokenization. The bracket names are
 # upper-case there, so the lower-cased -lrb- etc. stay, as they do there.

@@ -1,5 +1,5 @@
 """The token rules of Stanford's PTBTokenizer as CoreNLP 3.4.1 applies them
-(the version inside pycocoevalcap), for `trainer.ptb_tokenizer`.
+(the version inside pycocoevalcap), for `trainer.metrics.ptb_tokenizer`.
 
 Each rule is a regular expression for the token, an optional trailing context
 that must follow it (and counts towards the match length, but is not part of

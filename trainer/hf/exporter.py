@@ -16,8 +16,9 @@ import numpy as np
 from flax import nnx
 
 from pipeline import atomic, tokenizer as tokenizer_lib
-from trainer import hf_checkpoint, params as params_lib
-from trainer.hf_import import RESAMPLE
+from trainer import params as params_lib
+from trainer.hf import weights
+from trainer.hf.importer import RESAMPLE
 from trainer.models import lora
 from trainer.models.gpt2 import GPT2Config
 from trainer.models.vit import ViTConfig
@@ -43,10 +44,10 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
   spec = lora.Spec.of(cfg.model)
   if peft and spec is None:
     raise ValueError(f"--peft: {checkpoint_path} has no LoRA adapters (model.lora.rank is 0)")
-  adapter = hf_checkpoint.to_peft(pure, enc, dec) if peft else None
+  adapter = weights.to_peft(pure, enc, dec) if peft else None
   if spec is not None:  # the base weights, or W + (alpha / rank) A B
     pure = lora.strip(pure) if peft else lora.merge(pure, spec.scale)
-  tensors = hf_checkpoint.to_hf(pure, enc, dec)
+  tensors = weights.to_hf(pure, enc, dec)
   tensors.pop("decoder.lm_head.weight")  # tied to the token embedding on load
 
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))

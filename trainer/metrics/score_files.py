@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from trainer import caption_metrics
+from trainer.metrics import caption_metrics
 
 
 def load_predictions(path: str) -> dict[str, str]:
