@@ -38,6 +38,35 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
   ))
 
 
+class Cadence:
+  """A training run's saves: every `checkpoint.every_steps` steps and at the
+  last step, each with the data stream's position after that step."""
+
+  def __init__(self, mngr: ocp.CheckpointManager, cfg: ConfigDict, data_iter: Any):
+    self._mngr, self._cfg, self._data_iter = mngr, cfg, data_iter
+
+  def due(self, step: int) -> bool:
+    return step % self._cfg.checkpoint.every_steps == 0 or step == self._cfg.train.steps
+
+  def save(self, step: int, params: Any, opt_state: Any) -> None:
+    save(self._mngr, step, params, opt_state, self._data_iter.get_state(), self._cfg)
+
+  def save_if_new(self, step: int, params: Any, opt_state: Any,
+                  next_batch: int | None = None) -> None:
+    """Saves the state after `step` unless it is step 0 or already saved (a
+    run stopping early); `next_batch` when the stream has read past it."""
+    if step <= 0 or step in self._mngr.all_steps():
+      return
+    position = self._data_iter.get_state()
+    if next_batch is not None:
+      position = {**position, "next_batch": next_batch}
+    save(self._mngr, step, params, opt_state, position, self._cfg)
+
+  def wait(self) -> None:
+    """Until every save in flight is complete."""
+    self._mngr.wait_until_finished()
+
+
 def save_params(workdir: str, step: int, params: Any, config: ConfigDict) -> None:
   """A checkpoint of parameters and config alone (an imported model)."""
   mngr = manager(workdir)

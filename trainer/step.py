@@ -185,3 +185,37 @@ def setup(cfg: ConfigDict, mesh: Mesh) -> Setup:
   return Setup(graphdef, abs_params, param_sh, abs_opt, opt_sh,
                jax.jit(init, out_shardings=(param_sh, opt_sh)),
                jax.jit(init_opt, out_shardings=opt_sh), train_step)
+
+
+class StepRunner:
+  """The jitted step with what it carries from call to call on the device
+  (the step counter, the health flag), compiled ahead of its first call for
+  XLA's FLOP count. `train.nonfinite=stop` carries the health flag, so that
+  after a non-finite step no later one changes the state; `skip` passes True
+  each step."""
+
+  def __init__(self, setup: Setup, cfg: ConfigDict, mesh: Mesh, start: int):
+    from trainer import sharding
+    sh = sharding.replicated(mesh)
+    self._jitted, self._compiled, self._devices = setup.train_step, None, mesh.size
+    self._step = jax.device_put(jnp.int32(start), sh)
+    self._always = jax.device_put(jnp.bool_(True), sh)
+    self._healthy = self._always
+    self._carry_health = cfg.train.nonfinite == "stop"
+    self.flops: float | None = None  # one device's share of one step, once compiled
+
+  def __call__(self, params, opt_state, batch):
+    """(params, opt_state, metrics) after one step."""
+    from trainer import flops as flops_lib, host_memory
+    first = self._compiled is None
+    carry = self._healthy if self._carry_health else self._always
+    if first:
+      lowered = self._jitted.lower(params, opt_state, self._step, carry, batch)
+      self._compiled = lowered.compile()
+      self.flops = flops_lib.step_flops(lowered, self._devices)
+    params, opt_state, self._step, self._healthy, metrics = self._compiled(
+        params, opt_state, self._step, carry, batch)
+    if first:  # the step's scratch memory, kept for the next (CPU)
+      jax.block_until_ready(metrics)
+      host_memory.keep_freed_memory()
+    return params, opt_state, metrics

@@ -5,6 +5,11 @@ jitted initialiser with output shardings), the step is jitted with explicit
 input and output shardings and donates the state, batches arrive from Grain as
 global arrays on the mesh, and Orbax checkpoints every N steps. Running again
 in the same workdir resumes from the latest checkpoint, data position included.
+
+The loop calls its parts, each with its own state: `step.StepRunner` (the
+compiled step and what it carries), `step_log.StepLog` (scalars, speed, the
+console), `checkpoint.Cadence` (when to save), `periodic_eval.PeriodicEval`
+(scores and the best model) and `preemption.Preemption` (SIGTERM).
 """
 
 from __future__ import annotations
@@ -13,17 +18,18 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from pipeline import loader, prepare, tokenizer as tokenizer_lib, transforms
-from trainer import checkpoint, config as config_lib, host_memory, sharding, writers
+from trainer import checkpoint, config as config_lib, sharding, writers
 from trainer import flops as flops_lib, params as params_lib, step as step_lib
+from trainer.periodic_eval import EVAL_SCALARS, PeriodicEval
+from trainer.preemption import Preemption
+from trainer.step_log import NonFiniteStep, StepLog
 
 
 def prepare_tokenizer(cfg: ConfigDict, workdir: str):
@@ -108,20 +114,9 @@ def resolve_steps(cfg: ConfigDict, num_records: int) -> None:
     raise ValueError(f"config.train.steps={cfg.train.steps}: set steps or epochs above 0")
 
 
-# Scores of the periodic evaluation logged as eval/NAME.
-EVAL_SCALARS = ("loss", "perplexity", "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider",
-                "content_accuracy")
-
-
-def _eta(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains to `cfg.train.steps`; returns the last step's metrics."""
-  workdir = os.path.abspath(workdir)
+def _start_run(cfg: ConfigDict, workdir: str):
+  """Checks the config and opens what the run reads: the training records,
+  the tokenizer, the mesh and the compiled setup."""
   os.makedirs(workdir, exist_ok=True)
   # Saved with the checkpoint: absolute, so eval works from any directory.
   for which in ("train", "eval"):
@@ -140,188 +135,93 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
     shape = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
     print(f"mesh {shape} on {mesh.size} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es)", flush=True)
-  setup = step_lib.setup(cfg, mesh)
-  graphdef, param_sh, opt_sh = setup.graphdef, setup.param_sh, setup.opt_sh
+  return source, tokenizer_dir, mesh, step_lib.setup(cfg, mesh)
 
-  data_iter = iter(make_loader(cfg, source, tokenizer_dir))
-  mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
+
+def _initial_state(cfg: ConfigDict, mngr, setup: step_lib.Setup, mesh, data_iter):
+  """(step, params, opt_state): the latest checkpoint's, with the data
+  stream's position restored; else `train.init_from`'s parameters; else fresh."""
   start = mngr.latest_step()
-  if start is None and cfg.train.init_from:
+  if start is not None:
+    params, opt_state = checkpoint.restore_train_state(
+        mngr, start, sharding.with_shardings(setup.abs_params, setup.param_sh),
+        sharding.with_shardings(setup.abs_opt, setup.opt_sh), data_iter)
+    logging.info("resumed from step %d", start)
+    print(f"resuming from the checkpoint at step {start}", flush=True)
+    return start, params, opt_state
+  if cfg.train.init_from:
     src, src_step = checkpoint.find(cfg.train.init_from)
     params = params_lib.load_params(src, src_step, checkpoint.load_config(src, src_step), cfg,
                                     mesh)
-    opt_state = setup.init_opt(params)
     print(f"starting from the parameters of {src} (step {src_step})", flush=True)
-    start = 0
-  elif start is None:
-    params, opt_state = setup.init()
-    start = 0
-  else:
-    params, opt_state = checkpoint.restore_train_state(
-        mngr, start, sharding.with_shardings(setup.abs_params, param_sh),
-        sharding.with_shardings(setup.abs_opt, opt_sh), data_iter)
-    logging.info("resumed from step %d", start)
-    print(f"resuming from the checkpoint at step {start}", flush=True)
+    return 0, params, setup.init_opt(params)
+  return 0, *setup.init()
+
+
+def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains to `cfg.train.steps`; returns the last step's metrics."""
+  workdir = os.path.abspath(workdir)
+  source, tokenizer_dir, mesh, setup = _start_run(cfg, workdir)
+  data_iter = iter(make_loader(cfg, source, tokenizer_dir))
+  mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
+  start, params, opt_state = _initial_state(cfg, mngr, setup, mesh, data_iter)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(cfg.to_dict(), f, indent=1)
 
-  step_sh = sharding.replicated(mesh)
-  train_step = setup.train_step
+  run_step = step_lib.StepRunner(setup, cfg, mesh, start)
   writer = writers.create_writer(workdir, start)
-  step = jax.device_put(jnp.int32(start), step_sh)
-  always = jax.device_put(jnp.bool_(True), step_sh)
-  healthy = always
-  total = cfg.train.steps
-  t_log, s_log, wait = time.time(), start, 0.0
-  pending = None  # the previous step's metrics, read while this step runs
-  last: dict[str, float] = {}
-  skipped = 0  # unusable records met by this process's run (data.bad_records=skip)
-  nonfinite = tokens = 0
-  compiled = flops = None
-  peak = flops_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops)
-
-  def log(s, metrics):
-    nonlocal t_log, s_log, wait, last, skipped, nonfinite, tokens
-    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    skipped += int(last["train/skipped_records"])
-    tokens += last["train/tokens"]
-    writer.write_scalars(s, last)
-    if last["train/nonfinite"]:
-      nonfinite += 1
-      if cfg.train.nonfinite == "stop":
-        _stop_on_nonfinite(s, last)
-      print(f"step {s}: loss {last['train/loss']}, grad norm {last['train/grad_norm']}: "
-            "update skipped (train.nonfinite=skip)", flush=True)
-    if s % cfg.train.log_every == 0 or s == total:
-      dt = time.time() - t_log
-      rate = (s - s_log) / dt
-      speed = {"train/steps_per_second": rate, "train/step_time_s": 1.0 / rate,
-               "train/images_per_second": rate * cfg.train.batch_size,
-               "train/tokens_per_second": tokens / dt, "train/data_wait_fraction": wait / dt}
-      if flops:  # XLA's count for one device's share of the step
-        speed["train/tflops_per_device"] = flops * rate / 1e12
-        if peak:
-          speed["train/mfu"] = flops * rate / peak
-      writer.write_scalars(s, speed)
-      print(f"step {s}/{total}  loss {last['train/loss']:.4f}  {rate:.2f} steps/s  "
-            f"ETA {_eta((total - s) / rate)}" +
-            (f"  ({skipped} unusable records skipped)" if skipped else "") +
-            (f"  ({nonfinite} non-finite steps skipped)" if nonfinite else ""), flush=True)
-      t_log, s_log, wait, tokens = time.time(), s, 0.0, 0
-
-  def _stop_on_nonfinite(s, metrics):
-    # The step carried healthy=False since step s: the state in hand is the
-    # one after step s - 1. Keep it, with the data position that goes with it.
-    good = s - 1
-    if good > 0 and good not in mngr.all_steps():
-      position = {**data_iter.get_state(), "next_batch": good}
-      checkpoint.save(mngr, good, params, opt_state, position, cfg)
-    mngr.wait_until_finished()
-    data_iter.close()
-    writer.close()
-    kept = f"the state after step {good} is checkpointed" if good > 0 else "nothing to keep"
-    raise step_lib.NonFiniteLoss(
-        f"step {s}: loss {metrics['train/loss']}, gradient norm {metrics['train/grad_norm']} "
-        f"(not finite); {kept} (train.nonfinite=stop; =skip skips such steps)")
-
-  evaluator = None  # the run's own model, for periodic evaluation
-  best = checkpoint.best_value(workdir)
-
-  def periodic_eval(s):
-    nonlocal evaluator, best
-    from trainer import evaluate
-    from trainer.inference import TrainedCaptioner
-    if evaluator is None:
-      evaluator = TrainedCaptioner(params_lib.Restored(workdir, s, cfg, mesh, graphdef, params,
-                                                       param_sh))
-    evaluator.params, evaluator.step = params, s
-    teacher_forced = evaluate.eval_loss(params, graphdef, cfg, mesh, tokenizer_dir)
-    m = evaluate.evaluate_model(evaluator, extra=teacher_forced)
-    if m is not None:
-      scores = {f"eval/{k}": m[k] for k in EVAL_SCALARS if k in m}
-      writer.write_scalars(s, scores)
-      writer.write_texts(s, {"eval/samples": "\n\n".join(
-          f"**{x['caption']}**  \n" + "  \n".join(x["references"][:2]) for x in m["samples"])})
-      print(f"step {s}: eval " + "  ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()),
-            flush=True)
-    key = cfg.checkpoint.best_metric
-    if key:
-      value = float(m[key]) if m is not None else 0.0
-      if jax.process_count() > 1:  # process 0 scored; all save together
-        from jax.experimental import multihost_utils
-        value = float(multihost_utils.broadcast_one_to_all(jnp.float32(value)))
-      lower_is_better = key in ("loss", "perplexity")
-      if best is None or (value < best if lower_is_better else value > best):
-        best = value
-        checkpoint.save_best(workdir, s, params, cfg, key, value)
-
-  preemption = _Preemption()
-  stopped_at = None
+  log = StepLog(cfg, writer, start, lambda: run_step.flops,
+                flops_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops))
+  saves = checkpoint.Cadence(mngr, cfg, data_iter)
+  periodic_eval = PeriodicEval(cfg, workdir, mesh, setup.graphdef, setup.param_sh,
+                               tokenizer_dir, writer)
+  preemption = Preemption()
+  done = start  # the step whose state is in hand
   try:
-    for s in range(start + 1, total + 1):
-      if preemption.reached(s - 1):
-        stopped_at = s - 1
-        break
+    while done < cfg.train.steps and not preemption.reached(done):
       t0 = time.time()
       batch = sharding.global_batch(next(data_iter), mesh)
-      wait += time.time() - t0
-      carry = healthy if cfg.train.nonfinite == "stop" else always
-      if compiled is None:  # compiled ahead of the first call, for its FLOP count
-        lowered = train_step.lower(params, opt_state, step, carry, batch)
-        compiled = lowered.compile()
-        flops = flops_lib.step_flops(lowered, mesh.size)
-      params, opt_state, step, healthy, metrics = compiled(params, opt_state, step, carry, batch)
-      if s == start + 1:  # the step's scratch memory, kept for the next (CPU)
-        jax.block_until_ready(metrics)
-        host_memory.keep_freed_memory()
-      if pending is not None:
-        log(*pending)
-      pending = (s, metrics)
-      if s % cfg.checkpoint.every_steps == 0 or s == total:
-        # The metrics up to the checkpoint reach the disk with it: a run
-        # killed later resumes here and logs only the steps after.
-        log(*pending)
-        pending = None
-        writer.flush()
-        checkpoint.save(mngr, s, params, opt_state, data_iter.get_state(), cfg)
-      if cfg.eval.every_steps and (s % cfg.eval.every_steps == 0 or s == total):
-        periodic_eval(s)
-    if pending is not None:
-      log(*pending)
-    if stopped_at is not None and stopped_at > start and stopped_at not in mngr.all_steps():
-      checkpoint.save(mngr, stopped_at, params, opt_state, data_iter.get_state(), cfg)
+      log.waited(time.time() - t0)
+      params, opt_state, metrics = run_step(params, opt_state, batch)
+      done += 1
+      log.push(done, metrics)
+      if saves.due(done):
+        log.flush()  # the metrics up to a checkpoint reach the disk with it
+        saves.save(done, params, opt_state)
+      if periodic_eval.due(done):
+        periodic_eval(done, params)
+    log.flush()
+  except NonFiniteStep as e:
+    raise _stop_on_nonfinite(e, saves, params, opt_state, data_iter, writer) from None
   finally:
     preemption.close()
-  mngr.wait_until_finished()
+  preempted = done < cfg.train.steps
+  if preempted:
+    saves.save_if_new(done, params, opt_state)
+  _close(saves, data_iter, writer)
+  if preempted:
+    print(f"preempted: checkpoint at step {done}; run the same command to resume", flush=True)
+  return log.last
+
+
+def _stop_on_nonfinite(e: NonFiniteStep, saves: checkpoint.Cadence, params, opt_state,
+                       data_iter, writer) -> step_lib.NonFiniteLoss:
+  """Keeps the last good state and closes the run; the error to raise.
+  The step carried healthy=False since step e.step, so the state in hand is
+  the one after the step before: saved with that step's data position."""
+  good = e.step - 1
+  saves.save_if_new(good, params, opt_state, next_batch=good)
+  _close(saves, data_iter, writer)
+  kept = f"the state after step {good} is checkpointed" if good > 0 else "nothing to keep"
+  return step_lib.NonFiniteLoss(
+      f"step {e.step}: loss {e.metrics['train/loss']}, gradient norm "
+      f"{e.metrics['train/grad_norm']} (not finite); {kept} "
+      "(train.nonfinite=stop; =skip skips such steps)")
+
+
+def _close(saves: checkpoint.Cadence, data_iter, writer) -> None:
+  saves.wait()
   data_iter.close()
   writer.flush()
   writer.close()
-  if stopped_at is not None:
-    print(f"preempted: checkpoint at step {stopped_at}; run the same command to resume",
-          flush=True)
-  return last
-
-
-class _Preemption:
-  """A preemption notice (SIGTERM): the loop checkpoints and returns. Over
-  several processes JAX's preemption service agrees on the step."""
-
-  def __init__(self):
-    self._requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._note)
-
-  def _note(self, signum, frame):
-    self._requested = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._requested
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
