@@ -5,6 +5,7 @@ models trained from scratch on a small vocabulary.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable
 
@@ -33,11 +34,22 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_dir: str):
   return fast
 
 
-def load(path: str):
-  from transformers import AutoTokenizer
+# Classes saved by `tokenizers`-backed tokenizers (capjax's BPE among them):
+# loaded directly, what AutoTokenizer would pick, without its import of the
+# model configs (and through them PyTorch, where installed: 2-3 s a process).
+_PLAIN_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def load(path: str):
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no tokenizer folder")
+  config = os.path.join(path, "tokenizer_config.json")
+  if os.path.isfile(config):
+    with open(config) as f:
+      if json.load(f).get("tokenizer_class") in _PLAIN_FAST:
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(path)
+  from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(path)
 
 
