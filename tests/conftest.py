@@ -1,13 +1,43 @@
-"""Shared fixtures: a small synthetic dataset, prepared once per session."""
+"""Shared fixtures: a small synthetic dataset, prepared once per session,
+and one short training run that tests only read.
 
+The suite runs on several pytest-xdist workers (`make test`); what a
+session makes once, the first worker to need it makes, and the others wait
+for it. Every `capjax` command the tests run (and these processes) compile
+through one persistent JAX compilation cache for the session: the many short
+runs of the same tiny models compile each program once.
+"""
+
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "tests", "tiny_config.py")
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # before JAX is imported
+  _cache = tempfile.mkdtemp(prefix="capjax-tests-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  # Programs that compile faster than this are not worth a cache entry
+  # (eager operations among them: thousands of them in the in-process tests).
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  # A size limit turns on the cache's file lock: processes share it safely.
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _absl_flags_parsed():
+  """As `capjax` does: Grain reads absl flags, which nothing here parses.
+  Whichever test of a worker comes first, the flags are ready."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def run_capjax(*args, check=True, env=None, timeout=600, clean_env=None):
@@ -31,23 +61,61 @@ def run_local(n, m, *args, timeout=900):
   return proc
 
 
+def _session_folder(tmp_path_factory, name, make):
+  """`make(folder)` once per test session, whichever worker asks first; the
+  others wait for it and get the same folder."""
+  from filelock import FileLock
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, above each worker's own
+  folder = root / name
+  with FileLock(str(folder) + ".lock"):
+    if not (folder / ".done").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      make(folder)
+      (folder / ".done").touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
 def synthetic_coco(tmp_path_factory):
   from pipeline import synthetic
 
-  out = tmp_path_factory.mktemp("synthetic") / "coco"
-  synthetic.generate(str(out), num_train=96, num_val=20, side=48, seed=1, processes=2)
-  return out
+  def make(folder):
+    synthetic.generate(str(folder / "coco"), num_train=96, num_val=20, side=48, seed=1,
+                       processes=2)
+
+  return _session_folder(tmp_path_factory, "synthetic", make) / "coco"
 
 
 @pytest.fixture(scope="session")
 def prepared(synthetic_coco, tmp_path_factory):
   """{split: prepared folder} for the small synthetic set."""
-  root = tmp_path_factory.mktemp("prepared")
-  out = {}
-  for split in ("train", "val"):
-    out[split] = str(root / split)
-    run_capjax("prepare", str(synthetic_coco / "annotations" / f"captions_{split}.json"),
-               "--images", str(synthetic_coco / split), "--out", out[split],
-               "--num-shards", "3")
-  return out
+  def make(folder):
+    for split in ("train", "val"):
+      run_capjax("prepare", str(synthetic_coco / "annotations" / f"captions_{split}.json"),
+                 "--images", str(synthetic_coco / split), "--out", str(folder / split),
+                 "--num-shards", "3")
+
+  root = _session_folder(tmp_path_factory, "prepared", make)
+  return {split: str(root / split) for split in ("train", "val")}
+
+
+def train_tiny(workdir, prepared, *overrides, check=True):
+  """`capjax train` of the tiny config on the prepared set, constant learning rate."""
+  return run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(workdir),
+                    f"--config.data.train={prepared['train']}",
+                    f"--config.data.eval={prepared['val']}",
+                    "--config.train.schedule=constant", *overrides, check=check)
+
+
+@pytest.fixture(scope="session")
+def trained_run(prepared, tmp_path_factory):
+  """Ten steps of the tiny config (checkpoints at 9 and 10), trained once a
+  session; tests read it and write nothing into it but eval outputs."""
+  def make(folder):
+    train_tiny(folder, prepared, "--config.train.steps=10", "--config.train.peak_flops=1e12")
+
+  return _session_folder(tmp_path_factory, "trained_run", make)

@@ -10,6 +10,9 @@ import pytest
 
 from tests.conftest import run_capjax, run_local
 
+# One worker runs the module: its module-scoped runs are made once.
+pytestmark = pytest.mark.xdist_group("equivalence")
+
 STEPS = 20
 
 

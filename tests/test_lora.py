@@ -16,6 +16,9 @@ from trainer import config as config_lib, optim, params as params_lib, sharding,
 from trainer.models import lora
 from trainer.models.captioner import build_captioner
 
+# One worker runs the module: its module-scoped runs are made once.
+pytestmark = pytest.mark.xdist_group("lora")
+
 TRAIN = ("--config.train.schedule=constant", "--config.train.learning_rate=1e-2",
          "--config.train.warmup_steps=1", "--config.train.steps=6",
          "--config.checkpoint.every_steps=3")
@@ -98,12 +101,13 @@ def test_only_trained_parameters_hold_optimiser_state():
 
 
 @pytest.fixture(scope="module")
-def runs(prepared, tmp_path_factory):
-  """A base run, then LoRA fine-tuning from it (dropout on the adapters;
-  scanned layers, where the base has one set of weights a layer)."""
+def runs(prepared, trained_run, tmp_path_factory):
+  """A base run (the session's trained run), then LoRA fine-tuning from it
+  (dropout on the adapters; scanned layers, where the base has one set of
+  weights a layer)."""
   root = tmp_path_factory.mktemp("lora")
+  (root / "base").symlink_to(trained_run)
   data = (f"--config.data.train={prepared['train']}", f"--config.data.eval={prepared['val']}")
-  run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(root / "base"), *data, *TRAIN)
   proc = run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(root / "lora"), *data,
                     *TRAIN, f"--config.train.init_from={root / 'base'}",
                     "--config.model.lora.rank=4", "--config.model.lora.dropout=0.1",

@@ -10,6 +10,11 @@ from trainer.models.gpt2 import GPT2Config
 from trainer.models.vit import ViTConfig
 
 
+# A model's forward pass, compiled once per model and input shapes: eager
+# dispatch of its every operation is what would take the time here.
+_forward = nnx.jit(lambda model, *args: model(*args))
+
+
 def _model(enc_dim=32, dec_dim=48):
   enc = ViTConfig(hidden_size=enc_dim, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64, image_size=32, patch_size=8)
@@ -24,8 +29,9 @@ def test_grouped_captions_equal_repeated_images():
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
   ids = jnp.asarray(rng.integers(0, 50, (2, 3, 7)), jnp.int32)
-  grouped = m(images, ids)
-  repeated = m(jnp.repeat(images, 3, axis=0), ids.reshape(6, 1, 7)).reshape(2, 3, 7, 50)
+  grouped = _forward(m, images, ids)
+  repeated = _forward(m, jnp.repeat(images, 3, axis=0), ids.reshape(6, 1, 7))
+  repeated = repeated.reshape(2, 3, 7, 50)
   np.testing.assert_allclose(grouped, repeated, atol=1e-5)
   assert m.enc_to_dec_proj is not None  # 32 -> 48
 
@@ -108,10 +114,13 @@ def test_cached_greedy_equals_full_recompute():
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.integers(0, 256, (3, 32, 32, 3)), jnp.uint8)
   out = generate.greedy(m, images, max_length=10, bos=0, eos=-1, pad=0)  # eos never hit
-  seq = jnp.zeros((3, 1), jnp.int32)
-  for _ in range(10):  # no cache: rerun the whole prefix each step
-    logits = m(images, seq[:, None, :])[:, 0, -1]
-    seq = jnp.concatenate([seq, jnp.argmax(logits, -1)[:, None].astype(jnp.int32)], 1)
+  # No cache: the whole sequence again at each step (one compiled length;
+  # the tokens not yet chosen, zeros, lie after the position read).
+  graphdef, state = nnx.split(m)
+  full = jax.jit(lambda state, seq: nnx.merge(graphdef, state)(images, seq[:, None, :])[:, 0])
+  seq = jnp.zeros((3, 11), jnp.int32)
+  for t in range(10):
+    seq = seq.at[:, t + 1].set(jnp.argmax(full(state, seq)[:, t], -1).astype(jnp.int32))
   np.testing.assert_array_equal(out, seq[:, 1:])
 
 
@@ -231,13 +240,13 @@ def test_dropout_only_with_a_key():
   images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
   ids = jnp.asarray(rng.integers(0, 50, (2, 2, 6)), jnp.int32)
   key = jax.random.key(7)
-  evaluated = listed(images, ids)
-  np.testing.assert_array_equal(evaluated, plain(images, ids))  # no key: no dropout
-  a, b = listed(images, ids, key), listed(images, ids, key)
+  evaluated = _forward(listed, images, ids)
+  np.testing.assert_array_equal(evaluated, _forward(plain, images, ids))  # no key: no dropout
+  a, b = _forward(listed, images, ids, key), _forward(listed, images, ids, key)
   np.testing.assert_array_equal(a, b)  # the key decides
   assert float(jnp.abs(a - evaluated).max()) > 1e-2
-  assert float(jnp.abs(listed(images, ids, jax.random.key(8)) - a).max()) > 1e-2
-  np.testing.assert_allclose(scanned(images, ids, key), a, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(_forward(listed, images, ids, jax.random.key(8)) - a).max()) > 1e-2
+  np.testing.assert_allclose(_forward(scanned, images, ids, key), a, rtol=1e-5, atol=1e-5)
   loss, grads = _loss_and_grads(scanned, images, ids, key)
   assert np.isfinite(float(loss)) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 

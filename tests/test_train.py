@@ -13,15 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG, run_capjax
+from tests.conftest import REPO, TINY_CONFIG, run_capjax, train_tiny as _train
 from tests.test_writers import tensorboard_scalars
-
-
-def _train(workdir, prepared, *overrides, check=True):
-  return run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(workdir),
-                    f"--config.data.train={prepared['train']}",
-                    f"--config.data.eval={prepared['val']}",
-                    "--config.train.schedule=constant", *overrides, check=check)
 
 
 def _losses(workdir):
@@ -29,25 +22,18 @@ def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-@pytest.fixture(scope="module")
-def run_10_steps(prepared, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("straight")
-  _train(workdir, prepared, "--config.train.steps=10", "--config.train.peak_flops=1e12")
-  return workdir
-
-
-def test_train_writes_metrics_checkpoints_and_events(run_10_steps):
-  losses = _losses(run_10_steps)
+def test_train_writes_metrics_checkpoints_and_events(trained_run):
+  losses = _losses(trained_run)
   assert sorted(losses) == list(range(1, 11))
   assert losses[10] < losses[1]
-  assert sorted(os.listdir(run_10_steps / "checkpoints")) == ["10", "9"]  # keep = 2
-  assert (run_10_steps / "tokenizer" / "tokenizer.json").is_file()
-  assert json.loads((run_10_steps / "config.json").read_text())["train"]["steps"] == 10
+  assert sorted(os.listdir(trained_run / "checkpoints")) == ["10", "9"]  # keep = 2
+  assert (trained_run / "tokenizer" / "tokenizer.json").is_file()
+  assert json.loads((trained_run / "config.json").read_text())["train"]["steps"] == 10
 
   from tensorboard.backend.event_processing import event_accumulator
-  events = glob.glob(str(run_10_steps / "tensorboard" / "events.out.tfevents.*"))
+  events = glob.glob(str(trained_run / "tensorboard" / "events.out.tfevents.*"))
   assert events
-  acc = event_accumulator.EventAccumulator(str(run_10_steps / "tensorboard"),
+  acc = event_accumulator.EventAccumulator(str(trained_run / "tensorboard"),
                                            size_guidance={event_accumulator.TENSORS: 0})
   acc.Reload()
   tags = acc.Tags()["tensors"]
@@ -59,7 +45,7 @@ def test_train_writes_metrics_checkpoints_and_events(run_10_steps):
   assert steps == list(range(1, 11))
 
 
-def test_second_run_resumes_where_the_first_stopped(prepared, run_10_steps, tmp_path):
+def test_second_run_resumes_where_the_first_stopped(prepared, trained_run, tmp_path):
   _train(tmp_path, prepared, "--config.train.steps=6")
   # A save of step 8 that the process did not live to finish: Orbax's
   # temporary folder, half its files written.
@@ -74,30 +60,30 @@ def test_second_run_resumes_where_the_first_stopped(prepared, run_10_steps, tmp_
           if "train/loss" in l]
   assert rows == list(range(1, 11))  # nothing trained twice
   # The data position is restored too: the losses are those of one straight run.
-  assert _losses(tmp_path) == _losses(run_10_steps)
+  assert _losses(tmp_path) == _losses(trained_run)
   proc = _train(tmp_path, prepared, "--config.train.steps=10")
   assert "resuming from the checkpoint at step 10" in proc.stdout
 
 
-def test_eval_and_predict(run_10_steps, prepared, synthetic_coco, tmp_path):
-  proc = run_capjax("eval", "--checkpoint", str(run_10_steps))
-  metrics = json.loads((run_10_steps / "eval_metrics.json").read_text())
+def test_eval_and_predict(trained_run, prepared, synthetic_coco, tmp_path):
+  proc = run_capjax("eval", "--checkpoint", str(trained_run))
+  metrics = json.loads((trained_run / "eval_metrics.json").read_text())
   for key in ("bleu4", "rouge_l", "cider", "baseline_cider", "content_accuracy"):
     assert 0.0 <= metrics[key] <= 10.0, key
   assert metrics["images"] == 20 and metrics["step"] == 10
-  preds = [json.loads(l) for l in open(run_10_steps / "eval_predictions.jsonl")]
+  preds = [json.loads(l) for l in open(trained_run / "eval_predictions.jsonl")]
   assert len(preds) == 20 and len({p["id"] for p in preds}) == 20
   assert "CIDEr-D" in proc.stdout and "content accuracy" in proc.stdout
 
   images = sorted(glob.glob(str(synthetic_coco / "val" / "*.jpg")))[:3]
   out = tmp_path / "preds.jsonl"
-  run_capjax("predict", "--checkpoint", str(run_10_steps / "checkpoints" / "9"), *images,
+  run_capjax("predict", "--checkpoint", str(trained_run / "checkpoints" / "9"), *images,
              "--output", str(out))
   rows = [json.loads(l) for l in open(out)]
   assert [r["image"] for r in rows] == images
   for r in rows:
     assert isinstance(r["caption"], str) and r["token_ids"]
-  run_capjax("predict", "--checkpoint", str(run_10_steps), *images, "--output", str(out),
+  run_capjax("predict", "--checkpoint", str(trained_run), *images, "--output", str(out),
              "--num-beams", "3", "--max-length", "5",
              "--config.eval.early_stopping=never")
   beams = [json.loads(l) for l in open(out)]
@@ -130,7 +116,7 @@ def _params(workdir, step):
   return [np.asarray(x) for x in jax.tree.leaves(restored.params)]
 
 
-def test_killed_run_resumes_exactly(prepared, run_10_steps, tmp_path):
+def test_killed_run_resumes_exactly(prepared, trained_run, tmp_path):
   """SIGKILL after a checkpoint: the restarted run ends with the parameters
   and per-step losses of one uninterrupted run, bit for bit."""
   proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=3")
@@ -140,18 +126,18 @@ def test_killed_run_resumes_exactly(prepared, run_10_steps, tmp_path):
   assert os.listdir(tmp_path / "checkpoints")
   again = _train(tmp_path, prepared, "--config.train.steps=10")
   assert "resuming from the checkpoint at step" in again.stdout
-  assert _losses(tmp_path) == _losses(run_10_steps)
-  for a, b in zip(_params(tmp_path, 10), _params(run_10_steps, 10)):
+  assert _losses(tmp_path) == _losses(trained_run)
+  for a, b in zip(_params(tmp_path, 10), _params(trained_run, 10)):
     assert (a == b).all()
   # TensorBoard, read as written (no reader's purge), holds each step once:
   # the killed run's steps past its checkpoint were dropped on resume.
   logged = tensorboard_scalars(tmp_path / "tensorboard", "train/loss")
   assert [s for s, _ in logged] == list(range(1, 11))
   assert [np.float32(v) for _, v in logged] == [np.float32(l) for l in
-                                                _losses(run_10_steps).values()]
+                                                _losses(trained_run).values()]
 
 
-def test_sigterm_checkpoints_the_current_step_and_exits_0(prepared, run_10_steps, tmp_path):
+def test_sigterm_checkpoints_the_current_step_and_exits_0(prepared, trained_run, tmp_path):
   proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=1000")
   _wait_for(proc, "step 4/")
   proc.send_signal(signal.SIGTERM)
@@ -162,7 +148,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(prepared, run_10_steps
   assert sorted(_losses(tmp_path)) == list(range(1, stopped + 1))
   again = _train(tmp_path, prepared, f"--config.train.steps={max(stopped, 10)}")
   assert f"resuming from the checkpoint at step {stopped}" in again.stdout
-  want = _losses(run_10_steps)
+  want = _losses(trained_run)
   assert {s: l for s, l in _losses(tmp_path).items() if s <= 10} == want
 
 
