@@ -49,11 +49,13 @@ lora-demo: $(HELD_OUT)/prepared/train/manifest.json $(HELD_OUT)/prepared/val/man
 	$(BIN)/capjax train --config configs/demo_lora.py --workdir runs/demo_lora
 	$(BIN)/capjax eval --checkpoint runs/demo_lora
 
-# The tests run on TEST_WORKERS processes; tests sharing a module's runs stay on one.
+# The tests run on TEST_WORKERS processes (tests sharing a module's runs stay
+# on one), then those marked serial alone.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not serial" tests
+	$(BIN)/pytest -q -m serial tests
 
 clean:
 	rm -rf $(VENV) data runs bench/.seed-venv

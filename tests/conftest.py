@@ -1,9 +1,9 @@
 """Shared fixtures: a small synthetic dataset, prepared once per session,
 and one short training run that tests only read.
 
-The suite runs on several pytest-xdist workers (`make test`); what a
-session makes once, the first worker to need it makes, and the others wait
-for it. Every `capjax` command the tests run (and these processes) compile
+The suite runs on several pytest-xdist workers (`make test`), then the
+tests marked `serial` alone; what a session makes once, the first worker to
+need it makes, and the others wait for it. Every `capjax` command the tests run (and these processes) compile
 through one persistent JAX compilation cache for the session: the many short
 runs of the same tiny models compile each program once.
 """
@@ -29,6 +29,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # before JAX is imported
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   # A size limit turns on the cache's file lock: processes share it safely.
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "serial: reads machine-wide state (all of /dev/shm, "
+                          "say) that tests running beside it change; `make test` runs these "
+                          "after the others, alone")
 
 
 @pytest.fixture(autouse=True, scope="session")
