@@ -3,9 +3,10 @@ and one short training run that tests only read.
 
 The suite runs on several pytest-xdist workers (`make test`), then the
 tests marked `serial` alone; what a session makes once, the first worker to
-need it makes, and the others wait for it. Every `capjax` command the tests run (and these processes) compile
-through one persistent JAX compilation cache for the session: the many short
-runs of the same tiny models compile each program once.
+need it makes, and the others wait for it. Every `capjax` command the tests
+run (and these processes) compile through one persistent JAX compilation
+cache for the session: the many short runs of the same tiny models compile
+each program once.
 """
 
 import atexit
@@ -109,12 +110,16 @@ def prepared(synthetic_coco, tmp_path_factory):
   return {split: str(root / split) for split in ("train", "val")}
 
 
+def tiny_train_args(workdir, prepared, *overrides):
+  """`capjax train`'s arguments for the tiny config on the prepared set,
+  constant learning rate."""
+  return ["train", "--config", TINY_CONFIG, "--workdir", str(workdir),
+          f"--config.data.train={prepared['train']}", f"--config.data.eval={prepared['val']}",
+          "--config.train.schedule=constant", *overrides]
+
+
 def train_tiny(workdir, prepared, *overrides, check=True):
-  """`capjax train` of the tiny config on the prepared set, constant learning rate."""
-  return run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(workdir),
-                    f"--config.data.train={prepared['train']}",
-                    f"--config.data.eval={prepared['val']}",
-                    "--config.train.schedule=constant", *overrides, check=check)
+  return run_capjax(*tiny_train_args(workdir, prepared, *overrides), check=check)
 
 
 @pytest.fixture(scope="session")

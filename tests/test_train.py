@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG, run_capjax, train_tiny as _train
+from tests.conftest import REPO, run_capjax, tiny_train_args, train_tiny as _train
 from tests.test_writers import tensorboard_scalars
 
 
@@ -94,10 +94,8 @@ def test_eval_and_predict(trained_run, prepared, synthetic_coco, tmp_path):
 def _start(workdir, prepared, *overrides):
   """`capjax train` in the background, its stdout read line by line."""
   return subprocess.Popen(
-      [sys.executable, "-m", "trainer.cli", "train", "--config", TINY_CONFIG, "--workdir",
-       str(workdir), f"--config.data.train={prepared['train']}",
-       f"--config.data.eval={prepared['val']}", "--config.train.schedule=constant",
-       "--config.train.steps=100000", *overrides],
+      [sys.executable, "-m", "trainer.cli",
+       *tiny_train_args(workdir, prepared, "--config.train.steps=100000", *overrides)],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -48,19 +48,19 @@ class Cadence:
   def due(self, step: int) -> bool:
     return step % self._cfg.checkpoint.every_steps == 0 or step == self._cfg.train.steps
 
-  def save(self, step: int, params: Any, opt_state: Any) -> None:
-    save(self._mngr, step, params, opt_state, self._data_iter.get_state(), self._cfg)
-
-  def save_if_new(self, step: int, params: Any, opt_state: Any,
-                  next_batch: int | None = None) -> None:
-    """Saves the state after `step` unless it is step 0 or already saved (a
-    run stopping early); `next_batch` when the stream has read past it."""
-    if step <= 0 or step in self._mngr.all_steps():
-      return
+  def save(self, step: int, params: Any, opt_state: Any, next_batch: int | None = None) -> None:
+    """`next_batch` when the stream has read past the step."""
     position = self._data_iter.get_state()
     if next_batch is not None:
       position = {**position, "next_batch": next_batch}
     save(self._mngr, step, params, opt_state, position, self._cfg)
+
+  def save_if_new(self, step: int, params: Any, opt_state: Any,
+                  next_batch: int | None = None) -> None:
+    """Saves the state after `step` unless it is step 0 or already saved (a
+    run stopping early)."""
+    if step > 0 and step not in self._mngr.all_steps():
+      self.save(step, params, opt_state, next_batch)
 
   def wait(self) -> None:
     """Until every save in flight is complete."""

@@ -54,16 +54,18 @@ class StepLog:
   def push(self, step: int, metrics: Any) -> None:
     """This step's metrics (device arrays), logged when the next step arrives
     or at `flush`; logs the step before it now."""
-    pending, self._pending = self._pending, (step, metrics)
-    if pending is not None:
-      self._log(*pending)
+    self._log_held()
+    self._pending = (step, metrics)
 
   def flush(self) -> None:
     """Logs the step still held, and writes the writers' buffers out."""
+    self._log_held()
+    self._writer.flush()
+
+  def _log_held(self) -> None:
     pending, self._pending = self._pending, None
     if pending is not None:
       self._log(*pending)
-    self._writer.flush()
 
   def _log(self, s: int, metrics: Any) -> None:
     last = self.last = {k: float(v) for k, v in jax.device_get(metrics).items()}
