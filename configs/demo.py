@@ -5,7 +5,7 @@ embedded synthetic shapes data, on the CPU, in about eight minutes.
   capjax train --config configs/demo.py --config.train.steps=100 --workdir /tmp/x
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -15,7 +15,10 @@ def get_config() -> ConfigDict:
   c.data = ConfigDict()
   # Folders written by `capjax prepare`, or any source it reads (tfds:NAME,
   # hf:FOLDER, a COCO/Karpathy JSON, a table); splits and options below.
-  c.data.train = "data/demo/prepared/train"
+  # data.train may be a mixture, [(source, weight), ...] or [(name, source,
+  # weight), ...] (see pipeline/mixture.py): typed `object` so that a config
+  # built on this one can set either.
+  c.data.train = config_dict.FieldReference("data/demo/prepared/train", field_type=object)
   c.data.eval = "data/demo/prepared/val"
   c.data.train_split = "train"  # for sources with splits (tfds, hf, Karpathy)
   c.data.eval_split = "val"

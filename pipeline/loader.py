@@ -32,35 +32,19 @@ import numpy as np
 PERMUTATION_LIMIT = 1 << 25
 
 
-class GlobalOrder(grain.MapDataset):
-  """Process `process_index`'s rows of global batch k: `[(g, record), ...]`,
-  g each record's place in the global stream. Endless: epochs follow one
-  another, each in its own order."""
+class EpochOrder:
+  """Endless epochs over n records, each epoch in its own order: `order[g]` is
+  the record at place g. The orders follow from (seed, *stream, epoch)."""
 
-  def __init__(self, source: Any, seed: int, global_batch: int, process_index: int = 0,
-               process_count: int = 1):
-    super().__init__()
-    if global_batch % process_count:
-      raise ValueError(f"global batch {global_batch} does not divide over {process_count} "
-                       "processes")
-    if not len(source):
-      raise ValueError(f"{source!r}: no records to train on")
-    self._source = source
-    self._seed = seed
-    self._n = len(source)
-    self.global_batch = global_batch
-    self.share = global_batch // process_count  # this process's rows of each batch
-    self._offset = process_index * self.share
+  def __init__(self, n: int, seed: int, stream: tuple[int, ...] = ()):
+    self._n, self._key = n, (seed, *stream)
     self._orders: dict[int, np.ndarray] = {}
-    self._big = grain.MapDataset.range(self._n).shuffle(seed=seed % 2**32)
+    # A stream of its own (a mixture's source) gets a shuffle seed of its own.
+    shuffle_seed = (int(np.random.SeedSequence(self._key).generate_state(1)[0]) if stream
+                    else seed % 2**32)
+    self._big = grain.MapDataset.range(n).shuffle(seed=shuffle_seed)
 
-  def __len__(self) -> int:
-    return sys.maxsize
-
-  def __str__(self) -> str:
-    return f"GlobalOrder({self._source!r}, seed={self._seed})"
-
-  def record_index(self, g: int) -> int:
+  def __getitem__(self, g: int) -> int:
     if self._n > PERMUTATION_LIMIT:
       return self._big[g]  # epoch g // n's order, in [0, n)
     epoch, j = divmod(g, self._n)
@@ -69,9 +53,42 @@ class GlobalOrder(grain.MapDataset):
       # Batches straddle epochs: keep the two latest orders.
       for old in sorted(self._orders)[:-1]:
         del self._orders[old]
-      order = np.random.default_rng((self._seed, epoch)).permutation(self._n).astype(np.int64)
+      order = np.random.default_rng((*self._key, epoch)).permutation(self._n).astype(np.int64)
       self._orders[epoch] = order
     return int(order[j])
+
+
+class GlobalOrder(grain.MapDataset):
+  """Process `process_index`'s rows of global batch k: `[(g, record), ...]`,
+  g each record's place in the global stream. Endless: epochs follow one
+  another, each in its own order; a mixture.Mixture's places follow its own
+  order (its sources' shares, each source in epochs of its own)."""
+
+  def __init__(self, source: Any, seed: int, global_batch: int, process_index: int = 0,
+               process_count: int = 1):
+    super().__init__()
+    from pipeline import mixture  # it builds on EpochOrder
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} does not divide over {process_count} "
+                       "processes")
+    if not len(source):
+      raise ValueError(f"{source!r}: no records to train on")
+    self._source = source
+    self._seed = seed
+    self.global_batch = global_batch
+    self.share = global_batch // process_count  # this process's rows of each batch
+    self._offset = process_index * self.share
+    self._places = (source.order(seed) if isinstance(source, mixture.Mixture)
+                    else EpochOrder(len(source), seed))
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"GlobalOrder({self._source!r}, seed={self._seed})"
+
+  def record_index(self, g: int) -> int:
+    return self._places[g]
 
   def __getitem__(self, k):
     if isinstance(k, slice):
@@ -257,12 +274,14 @@ class BatchStream:
     self._next = int(state["next_batch"])
 
   def close(self) -> None:
-    if self._it is not None and hasattr(self._it, "close"):
-      self._it.close()  # stops the workers
-    self._it = None
+    # The ring first: a worker waiting for a slot sees it gone and stops,
+    # rather than holding up Grain's join until its 25-second kill.
     if self._ring is not None:
       self._ring.close()
     self._ring = None
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()  # stops the workers
+    self._it = None
 
 
 def train_stream(source: Any, make_batch: Any, global_batch: int, seed: int,

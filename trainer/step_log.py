@@ -34,12 +34,15 @@ class StepLog:
 
   `flops` gives XLA's FLOP count for one device's share of a step (None until
   the step is compiled, or where the backend does not count); `peak` is the
-  device's peak FLOP/s, for the MFU.
+  device's peak FLOP/s, for the MFU. `samples` gives, for a training mixture,
+  the samples drawn from each source through a step: `data/samples/NAME`.
   """
 
   def __init__(self, cfg: ConfigDict, writer: Any, start: int,
-               flops: Callable[[], float | None], peak: float | None):
+               flops: Callable[[], float | None], peak: float | None,
+               samples: Callable[[int], dict[str, int]] | None = None):
     self._cfg, self._writer, self._flops, self._peak = cfg, writer, flops, peak
+    self._samples = samples
     self._total = cfg.train.steps
     self._pending: tuple[int, Any] | None = None
     self._t, self._s, self._wait, self._tokens = time.time(), start, 0.0, 0.0
@@ -71,6 +74,8 @@ class StepLog:
     last = self.last = {k: float(v) for k, v in jax.device_get(metrics).items()}
     self.skipped += int(last["train/skipped_records"])
     self._tokens += last["train/tokens"]
+    if self._samples is not None:
+      last.update({f"data/samples/{name}": float(n) for name, n in self._samples(s).items()})
     self._writer.write_scalars(s, last)
     if last["train/nonfinite"]:
       self.nonfinite += 1

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from pipeline import loader, prepare, tokenizer as tokenizer_lib, transforms
+from pipeline import loader, mixture, tokenizer as tokenizer_lib, transforms
 from trainer import checkpoint, config as config_lib, sharding, writers
 from trainer import flops as flops_lib, params as params_lib, step as step_lib
 from trainer.periodic_eval import EVAL_SCALARS, PeriodicEval
@@ -42,7 +42,7 @@ def prepare_tokenizer(cfg: ConfigDict, workdir: str):
       if jax.process_index() == 0:
         tok.save_pretrained(path)
     elif jax.process_index() == 0:
-      captions = (c for _, caps in prepare.ids_and_captions(prepare.open_split(cfg.data, "train"))
+      captions = (c for _, caps in mixture.ids_and_captions(mixture.open_train(cfg.data))
                   for c in caps)
       tokenizer_lib.train_bpe(captions, cfg.tokenizer.vocab_size, path)
     if jax.process_count() > 1:
@@ -119,16 +119,19 @@ def _start_run(cfg: ConfigDict, workdir: str):
   the tokenizer, the mesh and the compiled setup."""
   os.makedirs(workdir, exist_ok=True)
   # Saved with the checkpoint: absolute, so eval works from any directory.
-  for which in ("train", "eval"):
-    if ":" not in cfg.data[which]:  # tfds:NAME and hf:FOLDER name no local path
-      cfg.data[which] = os.path.abspath(cfg.data[which])
+  cfg.data.train = mixture.absolute(cfg.data.train)
+  if ":" not in cfg.data.eval:  # tfds:NAME and hf:FOLDER name no local path
+    cfg.data.eval = os.path.abspath(cfg.data.eval)
   check_train_config(cfg)
-  source = prepare.open_split(cfg.data, "train")
+  source = mixture.open_train(cfg.data)
   resolve_steps(cfg, len(source))
   if jax.process_index() == 0:
     print(f"{len(source)} training records; {cfg.train.steps} steps of "
           f"{cfg.train.batch_size} images: "
           f"{cfg.train.steps * cfg.train.batch_size / len(source):.2f} epochs", flush=True)
+    if isinstance(source, mixture.Mixture):
+      print("mixture: " + ", ".join(f"{n} {len(s)} records x {w:.3g}" for n, s, w in
+                                    zip(source.names, source.sources, source.weights)), flush=True)
   _, tokenizer_dir = prepare_tokenizer(cfg, workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   if jax.process_index() == 0:
@@ -172,7 +175,8 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   run_step = step_lib.StepRunner(setup, cfg, mesh, start)
   writer = writers.create_writer(workdir, start)
   log = StepLog(cfg, writer, start, lambda: run_step.flops,
-                flops_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops))
+                flops_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops),
+                samples=_samples_drawn(cfg, source))
   saves = checkpoint.Cadence(mngr, cfg, data_iter)
   periodic_eval = PeriodicEval(cfg, workdir, mesh, setup.graphdef, setup.param_sh,
                                tokenizer_dir, writer)
@@ -203,6 +207,16 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   if preempted:
     print(f"preempted: checkpoint at step {done}; run the same command to resume", flush=True)
   return log.last
+
+
+def _samples_drawn(cfg: ConfigDict, source: Any):
+  """For a mixture: step -> {source name: samples drawn from it through that
+  step}, the global stream's count; else None."""
+  if not isinstance(source, mixture.Mixture):
+    return None
+  order = source.order(cfg.seed)
+  return lambda step: dict(zip(source.names,
+                               order.counts(step * cfg.train.batch_size).tolist()))
 
 
 def _stop_on_nonfinite(e: NonFiniteStep, saves: checkpoint.Cadence, params, opt_state,
