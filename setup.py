@@ -32,7 +32,11 @@ setup(
         "msgpack>=1.0,<2",
         "numpy>=2.0,<3",
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pycocoevalcap==1.2",
-                             "torch==2.13.0", "kubernetes>=30,<40", "peft>=0.13,<1"]},
+    extras_require={
+        # `capjax prepare --runner beam`: Dataflow, Flink, Spark, or Beam's local runner
+        "beam": ["apache-beam>=2.77,<3"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pycocoevalcap==1.2", "torch==2.13.0",
+                 "kubernetes>=30,<40", "peft>=0.13,<1", "apache-beam>=2.77,<3"],
+    },
     entry_points={"console_scripts": ["capjax=trainer.cli:main"]},
 )

@@ -42,7 +42,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import loader, prepare, records, sources, tokenizer, transforms  # noqa: E402
+from pipeline import images, loader, prepare, records, sources, tokenizer, transforms  # noqa: E402
 
 SIZE, BATCH, PREFETCH = 224, 32, 4
 
@@ -135,7 +135,7 @@ def main():
     pil = loop = pipe = inproc = 0.0
     for _ in range(args.repeats):
       pil = max(pil, rate(pil_baseline, blobs))
-      loop = max(loop, rate(lambda b: transforms.decode_and_resize(b, SIZE, "squash"), blobs))
+      loop = max(loop, rate(lambda b: images.decode_and_resize(b, SIZE, "squash"), blobs))
       inproc = max(inproc, in_process_pass())
       pipe = max(pipe, pipeline_pass())
 

@@ -1,27 +1,30 @@
-"""`capjax prepare`: any caption source into ArrayRecord shards.
+"""`capjax prepare`: any caption source into ArrayRecord shards, streaming.
 
-`open_source` turns a source name into a Grain source (see sources.py): a
-prepared folder, `tfds:NAME`, `hf:FOLDER`, a COCO caption JSON, the Karpathy
-split JSON, or a CSV/JSON/JSONL table. Every image is decoded once, in
-parallel worker processes, so damaged files are found here rather than in
-the middle of a run; those are skipped, counted and reported by reason.
-Optionally images are shrunk (shorter side N, re-encoded as JPEG) so that
-long runs stop paying full-size decoding every epoch. The output is written
-to a temporary folder and renamed when complete.
+`open_source` turns a source name into a source (see sources/): a prepared
+folder, `tfds:NAME`, `hf:NAME`, a COCO caption JSON, the Karpathy split JSON,
+a CSV/JSON/JSONL table, WebDataset tar shards or Parquet files. `prepare`
+cuts it into units (an input file, or a range of records), each streamed
+into one output shard by a worker process, or by Apache Beam's workers
+(`runner="beam"`): memory stays bounded whatever the data set's size, and a
+prepare that was stopped, run again, writes only the shards it had not
+finished (shards.py). Every image is decoded once, so damaged files are found
+here rather than in the middle of a run; those are skipped, counted and
+reported by reason. Optionally images are shrunk (shorter side N, re-encoded
+as JPEG) so that long runs stop paying full-size decoding every epoch.
 """
 
 from __future__ import annotations
 
-import collections
-import json
+import ctypes
 import multiprocessing
 import os
+import queue
+import signal
+import sys
+import time
 from typing import Any
 
-import cv2
-import simplejpeg
-
-from pipeline import atomic, records, sources, transforms
+from pipeline import records, shards, sources
 from pipeline.sources import SourceError  # noqa: F401  (part of this module's surface)
 
 
@@ -36,15 +39,29 @@ def _kind(path: str) -> str:
   return "karpathy" if '"sentences"' in head else "coco"
 
 
+def _tables(spec: str, suffix: str) -> bool:
+  """Names files with `suffix`: one, a glob or brace pattern, or a folder of them."""
+  if os.path.isdir(spec):
+    return any(f.endswith(suffix) for f in os.listdir(spec))
+  return spec.endswith(suffix) or (suffix + "}") in spec
+
+
 def open_source(spec: str, images: str | None = None, split: str | None = None,
-                image_column: str = "image", caption_column: str = "caption",
+                image_column: str | None = None, caption_column: str | None = None,
                 data_dir: str | None = None, image_key: str = "image",
-                captions_key: str = "captions/text", id_key: str = "image/id"):
-  """A Grain source for `spec`:
+                captions_key: str = "captions/text", id_key: str = "image/id",
+                id_column: str | None = None):
+  """The source `spec` names:
 
   - a folder written by `capjax prepare`;
+  - WebDataset tar shards (img2dataset's layout): a folder of them, a glob or
+    a brace pattern (`cc3m/{00000..00331}.tar`); `caption_column` a field of
+    each sample's .json (default: its .txt);
+  - Parquet files with image bytes (img2dataset's `jpg`/`txt`, or HF's Image
+    struct): a folder, a glob or a pattern; the columns (default: found);
   - `tfds:NAME` (`split`, default train; `data_dir`; the feature keys);
-  - `hf:FOLDER`, a `datasets` Dataset saved to disk (`split`; the columns);
+  - `hf:NAME`: a `datasets` folder (`save_to_disk`, Parquet, imagefolder) or a
+    Hub repository in the local cache (`split`; the columns);
   - a COCO caption JSON (`images`: its image folder, default the JSON's);
   - the Karpathy `dataset_coco.json` (`images`: the COCO root holding
     train2014/ and val2014/; `split`: e.g. "train+restval", default train);
@@ -54,17 +71,25 @@ def open_source(spec: str, images: str | None = None, split: str | None = None,
     return sources.TfdsSource(spec[5:], split or "train", data_dir or None, image_key,
                               captions_key, id_key)
   if spec.startswith("hf:"):
-    return sources.HFDatasetSource(spec[3:], split, image_column, caption_column)
-  if os.path.isdir(spec):
+    return sources.HFDatasetSource(spec[3:], split, image_column or "image",
+                                   caption_column or "caption")
+  if os.path.isdir(spec) and (os.path.exists(os.path.join(spec, records.MANIFEST))
+                              or os.path.isdir(os.path.join(spec, shards.WORK))):
     return records.PreparedSource(spec)
+  if _tables(spec, ".tar"):
+    return sources.WebDatasetSource(spec, caption_column)
+  if _tables(spec, ".parquet"):
+    return sources.ParquetSource(spec, image_column, caption_column, id_column)
+  if os.path.isdir(spec):
+    return records.PreparedSource(spec)  # says it is not one
   if not os.path.isfile(spec):
     raise FileNotFoundError(f"{spec}: no such file or directory")
   if not spec.endswith((".json", ".jsonl", ".csv")):
-    raise SourceError(f"{spec}: expected a prepared folder, tfds:NAME, hf:FOLDER, or a "
-                      ".json, .jsonl or .csv file")
+    raise SourceError(f"{spec}: expected a prepared folder, .tar or .parquet files, tfds:NAME, "
+                      "hf:NAME, or a .json, .jsonl or .csv file")
   kind = _kind(spec)
   if kind == "table":
-    return sources.table(spec, image_column, caption_column)
+    return sources.table(spec, image_column or "image", caption_column or "caption")
   root = images or os.path.dirname(os.path.abspath(spec))
   if not os.path.isdir(root):
     raise FileNotFoundError(f"--images {root}: no such directory")
@@ -89,66 +114,139 @@ def ids_and_captions(source) -> list[tuple[str, list[str]]]:
   return [(r["id"], r["captions"]) for r in (source[i] for i in range(len(source)))]
 
 
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+  """Console lines while prepare works: records, images/s, skipped, ETA.
+  Each unit reports (work done, kept, skipped); the ETA comes from the work
+  left in this run, in each unit's own measure."""
+
+  def __init__(self, units: list, todo: list[int], reused: int, every: float):
+    self.sizes = {i: max(units[i].size, 1) for i in todo}
+    self.state = {i: (0, 0, 0) for i in todo}
+    self.shards, self.reused, self.written = len(units), reused, 0
+    self.every = every
+    self.t0 = self.last = time.monotonic()
+    self.working = None  # when the first report came: rates leave out the start-up
+
+  def update(self, index: int, work: int, kept: int, skipped: int) -> None:
+    self.working = self.working or time.monotonic()
+    self.state[index] = (min(work, self.sizes[index]), kept, skipped)
+
+  def line(self) -> str:
+    elapsed = time.monotonic() - (self.working or self.t0)
+    kept = sum(k for _, k, _ in self.state.values())
+    skipped = sum(s for _, _, s in self.state.values())
+    done = sum(w / self.sizes[i] for i, (w, _, _) in self.state.items())
+    left = len(self.state) - done
+    eta = _duration(elapsed * left / done) if done > 0 else "?"
+    return (f"prepare: {kept:,} records, {skipped:,} skipped, "
+            f"{(kept + skipped) / max(elapsed, 1e-9):,.0f} images/s; shards "
+            f"{self.reused + self.written} of {self.shards} written; ETA {eta}")
+
+  def tick(self, force: bool = False) -> None:
+    if force or time.monotonic() - self.last >= self.every:
+      print(self.line(), file=sys.stderr, flush=True)
+      self.last = time.monotonic()
+
+
 _worker: dict[str, Any] = {}
 
 
-def _init(source, resize_shorter: int, quality: int) -> None:
-  _worker.update(source=source, resize_shorter=resize_shorter, quality=quality)
+def _init(out_dir: str, units: list, options: shards.Options, reports) -> None:
+  if sys.platform == "linux":  # a worker outlives no killed prepare (its parent, the forkserver)
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  _worker.update(out_dir=out_dir, units=units, options=options, reports=reports)
 
 
-def _load(index: int) -> tuple[bytes | None, str | None, int, str]:
-  """(the encoded record or None, the reason it is skipped, captions, where)."""
-  rec = _worker["source"][index]
-  where = rec.get("path") or f"record {rec['id']}"
-  if rec.get("error"):
-    return None, rec["error"], 0, where
-  if not rec["captions"]:
-    return None, "no captions", 0, where
-  try:
-    img = transforms.decode_image(rec["image"])  # all of it: truncation shows only here
-  except transforms.BadImage as e:
-    return None, str(e), 0, where
-  data = rec["image"]
-  n = _worker["resize_shorter"]
-  if n and min(img.shape[:2]) > n:  # upright (EXIF applied) and smaller, as a JPEG
-    h, w = img.shape[:2]
-    scale = n / min(h, w)
-    img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))),
-                     interpolation=cv2.INTER_AREA)
-    data = simplejpeg.encode_jpeg(img, quality=_worker["quality"], colorspace="RGB")
-  return records.encode_record(rec["id"], data, rec["captions"]), None, len(rec["captions"]), where
+def _write(index: int) -> tuple[int, dict]:
+  reports = _worker["reports"]
+  counts = shards.write_shard(_worker["out_dir"], index, _worker["units"], _worker["options"],
+                              lambda *r: reports.put((index, *r)))
+  return index, counts
 
 
-def prepare(source, out_dir: str, num_shards: int = 8, workers: int | None = None,
-            resize_shorter: int = 0, jpeg_quality: int = 90) -> dict:
-  """Writes `source`'s records as shards under `out_dir`; returns the summary
-  (also saved as the manifest)."""
+def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Options,
+               workers: int, progress: Progress) -> None:
+  ctx = multiprocessing.get_context("forkserver")
+  # Workers start from a process that has imported what they run.
+  ctx.set_forkserver_preload(["__main__", __name__])
+  reports = ctx.Queue()  # (shard, work, kept, skipped) from the workers; None: one ended
+  failed: list[BaseException] = []
+  finished: list[int] = []
+
+  def ended(outcome: list, value) -> None:
+    outcome.append(value)
+    reports.put(None)
+
+  with ctx.Pool(workers, initializer=_init, initargs=(out_dir, units, options, reports)) as pool:
+    for i in todo:
+      pool.apply_async(_write, (i,), callback=lambda r: ended(finished, r[0]),
+                       error_callback=lambda e: ended(failed, e))
+    while len(finished) < len(todo) and not failed:
+      try:
+        report = reports.get(timeout=min(max(progress.every, 0.05), 5.0))
+        if report is not None:
+          progress.update(*report)
+      except queue.Empty:
+        pass
+      progress.written = len(finished)
+      progress.tick()
+    if failed:
+      pool.terminate()
+      raise failed[0]
+  while True:  # the last reports, so that the final line counts everything
+    try:
+      report = reports.get_nowait()
+    except queue.Empty:
+      break
+    if report is not None:
+      progress.update(*report)
+
+
+def prepare(source, out_dir: str, num_shards: int | None = None, workers: int | None = None,
+            resize_shorter: int = 0, jpeg_quality: int = 90, runner: str = "local",
+            beam_options: str = "", progress_every: float = 10.0) -> dict:
+  """Writes `source`'s records as shards under `out_dir`, resuming what a
+  stopped run with the same arguments left; returns the summary (also saved
+  as the manifest). num_shards: for random-access sources (default: one per
+  10,000 records, at least 8); sharded sources write one per input file."""
   if not 1 <= jpeg_quality <= 100:
     raise ValueError(f"--jpeg-quality {jpeg_quality}: not in 1..100")
-  with atomic.folder(out_dir) as tmp:
-    kept, skipped = [], collections.Counter()
-    examples: dict[str, list[str]] = collections.defaultdict(list)
-    ctx = multiprocessing.get_context("forkserver")
-    with ctx.Pool(workers or os.cpu_count(), initializer=_init,
-                  initargs=(source, resize_shorter, jpeg_quality)) as pool:
-      for data, reason, n, where in pool.imap(_load, range(len(source)), chunksize=32):
-        if data is None:
-          skipped[reason] += 1
-          if len(examples[reason]) < 3:
-            examples[reason].append(where)
-        else:
-          kept.append((data, n))
-    num_shards = max(1, min(num_shards, len(kept)))
-    # Contiguous shards keep the source's order: record k is the k-th kept.
-    bounds = [len(kept) * s // num_shards for s in range(num_shards + 1)]
-    for s in range(num_shards):
-      records.write_shard(records.shard_path(tmp, s, num_shards),
-                          [d for d, _ in kept[bounds[s]:bounds[s + 1]]])
-    summary = {
-        "source": repr(source), "records": len(kept), "captions": sum(n for _, n in kept),
-        "shards": num_shards, "skipped": dict(skipped), "skipped_examples": dict(examples),
-        "resize_shorter": resize_shorter,
-    }
-    with open(os.path.join(tmp, records.MANIFEST), "w") as f:
-      json.dump(summary, f, indent=1)
+  if runner not in ("local", "beam"):
+    raise ValueError(f"--runner {runner}: not local or beam")
+  if hasattr(source, "units") and num_shards:
+    print(f"prepare: --num-shards ignored: {source!r} writes one shard per input file",
+          file=sys.stderr)
+  units = sources.units(source, num_shards)
+  if not units:
+    raise SourceError(f"{source!r}: no records")
+  out_dir = os.path.abspath(out_dir)
+  options = shards.Options(resize_shorter, jpeg_quality)
+  plan = shards.plan(source, units, options)
+  done = shards.start(out_dir, plan, units)
+  todo = [i for i in range(len(units)) if i not in set(done)]
+  if done:
+    print(f"prepare: {len(done)} of {len(units)} shards already written, kept", file=sys.stderr,
+          flush=True)
+  workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+  progress = Progress(units, todo, len(done), progress_every)
+  if todo and runner == "beam":
+    from pipeline import beam_runner
+
+    beam_runner.run(out_dir, units, todo, options, beam_options, workers)
+  elif todo:
+    _run_local(out_dir, units, todo, options, workers, progress)
+  summary = shards.finish(out_dir, plan)
+  seen = sum(summary["shard_records"][i] for i in todo) + sum(
+      sum(shards.read_counts(out_dir, i, len(units))["skipped"].values()) for i in todo)
+  elapsed = time.monotonic() - progress.t0
+  print(f"prepare: done, {summary['records']:,} records in {len(units)} shards "
+        f"({len(done)} kept from before), {sum(summary['skipped'].values()):,} skipped, "
+        f"{len(summary['truncated'])} truncated files; {seen:,} images in {_duration(elapsed)}"
+        f" ({seen / max(elapsed, 1e-9):,.0f} images/s)", file=sys.stderr, flush=True)
   return summary

@@ -32,12 +32,10 @@ def shard_path(folder: str, index: int, count: int) -> str:
   return os.path.join(folder, f"data-{index:05d}-of-{count:05d}.array_record")
 
 
-def write_shard(path: str, records: list[bytes]) -> None:
-  # group_size:1 keeps random access to one record cheap.
-  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-  for r in records:
-    writer.write(r)
-  writer.close()
+def shard_writer(path: str):
+  """An ArrayRecord writer (`write(bytes)`, `close()`) for a shard at `path`."""
+  # group_size:1 keeps random access to one record cheap; images do not compress.
+  return array_record_module.ArrayRecordWriter(path, "group_size:1,uncompressed")
 
 
 class PreparedSource:
@@ -47,8 +45,11 @@ class PreparedSource:
     self.folder = os.path.abspath(folder)
     manifest = os.path.join(self.folder, MANIFEST)
     if not os.path.isfile(manifest):
-      raise FileNotFoundError(f"{folder}: not a prepared dataset (no {MANIFEST}); "
-                              "run `capjax prepare` first")
+      unfinished = os.path.isdir(os.path.join(self.folder, ".prepare"))
+      raise FileNotFoundError(
+          f"{folder}: not a prepared dataset (no {MANIFEST}); " +
+          ("its `capjax prepare` did not finish: run it again to complete it" if unfinished
+           else "run `capjax prepare` first"))
     with open(manifest) as f:
       self.manifest = json.load(f)
     self.paths = sorted(glob.glob(os.path.join(self.folder, "data-*.array_record")))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import prepare, records, transforms
+from pipeline import images, prepare, records, transforms
 from tests.conftest import run_capjax
 
 
@@ -80,12 +80,12 @@ def test_decode_and_resize(fmt, mode):
   img[:, 45:] = (0, 0, 255)
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format=fmt)
-  out = transforms.decode_and_resize(buf.getvalue(), 24, mode)
+  out = images.decode_and_resize(buf.getvalue(), 24, mode)
   assert out.shape == (24, 24, 3) and out.dtype == np.uint8
   assert out[12, 2, 0] > 200 and out[12, 2, 2] < 60  # still red on the left
   assert out[12, 21, 2] > 200 and out[12, 21, 0] < 60  # still blue on the right
   into = np.zeros((2, 24, 24, 3), np.uint8)
-  assert np.shares_memory(transforms.decode_and_resize(buf.getvalue(), 24, mode, out=into[1]),
+  assert np.shares_memory(images.decode_and_resize(buf.getvalue(), 24, mode, out=into[1]),
                           into)
   np.testing.assert_array_equal(into[1], out)
   assert not into[0].any()
@@ -99,7 +99,7 @@ def test_auto_resample_stays_close_to_area_averaging():
   img = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
   for size in (224, 150, 100, 70):  # shrinking by 1.4x, 2.1x, 3.2x, 4.6x
     area = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).astype(float)
-    auto = transforms._resize(img, size, "auto").astype(float)
+    auto = images._resize(img, size, "auto").astype(float)
     assert np.abs(auto - area).mean() < 2.0, size
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import prepare, records, sources, transforms
+from pipeline import images, prepare, records, sources, transforms
 from tests.conftest import run_capjax
 
 
@@ -31,7 +31,7 @@ def _check(source, expected: dict, paths=True):
   for i in range(len(source)):
     r = source[i]
     assert "error" not in r, r.get("error")
-    assert transforms.decode_image(r["image"]).ndim == 3
+    assert images.decode_image(r["image"]).ndim == 3
     seen[r["id"]] = r["captions"]
   assert seen == expected
   again = pickle.loads(pickle.dumps(source))
@@ -118,7 +118,7 @@ def test_tfds_data_source(synthetic_coco, tmp_path):
   assert summary["records"] == 6 and summary["captions"] == sum(len(v) for _, v in
                                                                  chosen.values())
   out = records.PreparedSource(str(tmp_path / "prepared"))
-  assert min(transforms.decode_image(out[0]["image"]).shape[:2]) == 24  # was 48
+  assert min(images.decode_image(out[0]["image"]).shape[:2]) == 24  # was 48
   with pytest.raises(prepare.SourceError, match="no feature"):
     sources.TfdsSource("tiny_coco_captions", "train", str(data_dir), captions_key="text")[0]
 
@@ -167,7 +167,7 @@ def test_every_mode_to_rgb(mode, fmt):
     assert img.mode == "I;16"
   else:
     img = img.convert(mode)
-  out = transforms.decode_image(_encode(img, fmt))
+  out = images.decode_image(_encode(img, fmt))
   assert out.shape == (40, 60, 3) and out.dtype == np.uint8
   assert out[20, 5].max() < 40 and out[20, 55].min() > 190, (out[20, 5], out[20, 55])
 
@@ -176,7 +176,7 @@ def test_transparency_becomes_white():
   rgba = np.zeros((8, 8, 4), np.uint8)
   rgba[:, :, 0] = 255  # red, fully transparent on the left half
   rgba[:, 4:, 3] = 255
-  out = transforms.decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+  out = images.decode_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))
   assert out[4, 1].tolist() == [255, 255, 255] and out[4, 6].tolist() == [255, 0, 0]
 
 
@@ -187,14 +187,14 @@ def test_exif_orientation(fmt):
   rgb[:, :40] = (250, 0, 0)  # left half red
   exif = Image.Exif()
   exif[274] = 6  # rotate 90 clockwise to display
-  out = transforms.decode_image(_encode(Image.fromarray(rgb), fmt, exif=exif.tobytes()))
+  out = images.decode_image(_encode(Image.fromarray(rgb), fmt, exif=exif.tobytes()))
   assert out.shape == (80, 40, 3)
   assert out[5, 20, 0] > 200 and out[75, 20, 0] < 60  # red now on top
   plain = _encode(Image.fromarray(rgb), fmt)
-  assert transforms.decode_image(plain).shape == (40, 80, 3)
+  assert images.decode_image(plain).shape == (40, 80, 3)
   if fmt == "JPEG":  # the metadata walk settles plain JPEGs without Pillow
-    assert not transforms._jpeg_may_have_exif(plain)
-    assert transforms._jpeg_may_have_exif(_encode(Image.fromarray(rgb), fmt, exif=exif.tobytes()))
+    assert not images._jpeg_may_have_exif(plain)
+    assert images._jpeg_may_have_exif(_encode(Image.fromarray(rgb), fmt, exif=exif.tobytes()))
 
 
 # Bad files: skipped with their reason by prepare, and by the loader's policy.
@@ -253,7 +253,7 @@ def test_loader_bad_record_policy(tmp_path):
   assert out["loss_mask"][0].sum() > 0 and out["loss_mask"][1:].sum() == 0
   assert out["image"].shape == (len(src), 32, 32, 3) and not out["image"][1:].any()
   assert fail.map([(0, src[0])])["skipped"].tolist() == [0]
-  with pytest.raises(transforms.BadImage, match=r"record 'truncated.jpg' .*truncated image"):
+  with pytest.raises(images.BadImage, match=r"record 'truncated.jpg' .*truncated image"):
     fail.map([(0, src[0]), (1, src[1])])
   with pytest.raises(ValueError, match="data.bad_records"):
     transforms.TrainBatch(32, tok_dir, 8, 2, bad_records="ignore")
@@ -263,8 +263,8 @@ def test_random_resized_crop_keeps_the_size_and_varies():
   rgb = np.random.default_rng(1).integers(0, 255, (120, 160, 3)).astype(np.uint8)
   data = _encode(Image.fromarray(rgb), "JPEG")
   rng = np.random.default_rng(0)
-  crops = [transforms.decode_and_resize(data, 32, rng=rng, crop_scale=0.3) for _ in range(4)]
+  crops = [images.decode_and_resize(data, 32, rng=rng, crop_scale=0.3) for _ in range(4)]
   assert all(c.shape == (32, 32, 3) for c in crops)
   assert len({c.tobytes() for c in crops}) == 4
-  plain = transforms.decode_and_resize(data, 32)
-  np.testing.assert_array_equal(plain, transforms.decode_and_resize(data, 32, rng=rng))
+  plain = images.decode_and_resize(data, 32)
+  np.testing.assert_array_equal(plain, images.decode_and_resize(data, 32, rng=rng))

@@ -46,22 +46,27 @@ def _parser() -> argparse.ArgumentParser:
               "models (ViT + GPT-2) in JAX, from one CPU to multi-host pods.")
   sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-  s = sub.add_parser("prepare", help="caption data (COCO, Karpathy, tables, TFDS, HF datasets) "
-                     "to ArrayRecord shards",
+  s = sub.add_parser("prepare", help="caption data (COCO, Karpathy, tables, WebDataset, Parquet, "
+                     "TFDS, HF datasets) to ArrayRecord shards",
                      description="Reads images and captions and writes ArrayRecord shards "
-                     "with a manifest. Every image is decoded once; unusable ones are skipped "
-                     "and reported by reason.")
+                     "with a manifest, streaming, one shard per unit of input. Every image is "
+                     "decoded once; unusable ones are skipped and reported by reason. Run again "
+                     "after a stop, it writes only the shards not yet written.")
   s.add_argument("source", help="COCO caption JSON, Karpathy dataset_coco.json, CSV/JSON/JSONL "
-                 "table, tfds:NAME, hf:FOLDER (a saved datasets Dataset), or a prepared folder")
-  s.add_argument("--out", required=True, help="output folder (replaced when complete)")
+                 "table, WebDataset .tar or Parquet files (a folder, a glob or a brace pattern "
+                 "such as 'cc3m/{00000..00331}.tar'), tfds:NAME, hf:NAME (a datasets folder or "
+                 "a Hub dataset in the local cache), or a prepared folder")
+  s.add_argument("--out", required=True, help="output folder; the manifest is written last")
   s.add_argument("--images", help="image folder of a COCO file, or the COCO root of a Karpathy "
                  "file (default: the JSON's folder)")
   s.add_argument("--split", help="Karpathy: train, restval, val or test, joined with + "
-                 "(default: train); tfds:/hf: the split (default: train / none)")
-  s.add_argument("--image-column", default="image", help="table or hf: column with images "
-                 "(paths relative to the table; default: image)")
-  s.add_argument("--caption-column", default="caption", help="table or hf: column with a "
-                 "caption or a list of captions (default: caption)")
+                 "(default: train); tfds:/hf: the split (default: train)")
+  s.add_argument("--image-column", help="table, Parquet or hf: column with images (paths "
+                 "relative to the table; default: image, or Parquet's jpg)")
+  s.add_argument("--caption-column", help="table, Parquet or hf: column with a caption or a "
+                 "list of captions (default: caption, or Parquet's txt); WebDataset: a field of "
+                 "each sample's .json, nested with / (default: the .txt)")
+  s.add_argument("--id-column", help="Parquet: record ids (default: key, else FILE/ROW)")
   s.add_argument("--data-dir", help="tfds: the TFDS data directory")
   s.add_argument("--image-key", default="image", help="tfds: image feature (default: image)")
   s.add_argument("--captions-key", default="captions/text", help="tfds: captions feature, "
@@ -71,8 +76,15 @@ def _parser() -> argparse.ArgumentParser:
                  "whose shorter side exceeds N pixels to N, stored as JPEG (default: keep)")
   s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of shrunk images "
                  "(default: 90)")
-  s.add_argument("--num-shards", type=int, default=8, help="ArrayRecord shards (default: 8)")
+  s.add_argument("--num-shards", type=int, default=None, help="shards of a random-access source "
+                 "(default: one per 10,000 records, at least 8); .tar and Parquet input: one "
+                 "shard per file")
   s.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+  s.add_argument("--runner", choices=("local", "beam"), default="local", help="local: worker "
+                 "processes on this machine; beam: an Apache Beam pipeline (pip install "
+                 "'capjax[beam]'; see docs/prepare.md)")
+  s.add_argument("--beam-options", default="", metavar="'--runner=... ...'", help="Beam "
+                 "pipeline options (default: FnApiRunner with --workers processes here)")
 
   s = sub.add_parser("train", help="train a captioner (resumes in an existing workdir)",
                      description="Trains with the given config; per-step scalars go to "
@@ -159,9 +171,10 @@ def _prepare(args) -> int:
 
   source = prepare.open_source(
       args.source, args.images, args.split, args.image_column, args.caption_column,
-      args.data_dir, args.image_key, args.captions_key, args.id_key)
+      args.data_dir, args.image_key, args.captions_key, args.id_key, args.id_column)
   summary = prepare.prepare(source, args.out, args.num_shards, args.workers,
-                            args.resize_shorter, args.jpeg_quality)
+                            args.resize_shorter, args.jpeg_quality, args.runner,
+                            args.beam_options)
   print(json.dumps(summary))
   return 0
 

@@ -20,14 +20,15 @@ import cv2
 import jax
 import numpy as np
 
-from pipeline import atomic, prepare, synthetic, transforms
+from pipeline import atomic, images, mixture, prepare, synthetic, transforms
 from trainer import generate, sharding
 from trainer.metrics import caption_metrics
 from trainer.inference import TrainedCaptioner
 
 
 def most_frequent_caption(source) -> str:
-  counts = collections.Counter(c for _, caps in prepare.ids_and_captions(source) for c in caps)
+  counts = collections.Counter(c for _, caps in mixture.ids_and_captions(source)
+                               for c in caps)
   return counts.most_common(1)[0][0]
 
 
@@ -68,10 +69,10 @@ def evaluate_model(model: TrainedCaptioner, split: str | None = None,
     ok = np.zeros((local_bs,), np.int32)
     for j, (rec, img) in enumerate(zip(recs, model.decode([r["image"] for r in recs]))):
       if rec.get("error"):
-        img = transforms.BadImage(rec["error"])
-      if isinstance(img, transforms.BadImage):
+        img = images.BadImage(rec["error"])
+      if isinstance(img, images.BadImage):
         if cfg.data.bad_records == "fail":
-          raise transforms.BadImage(f"record {rec['id']!r}: {img} (data.bad_records=fail)")
+          raise images.BadImage(f"record {rec['id']!r}: {img} (data.bad_records=fail)")
         logging.warning("eval: skipping record %r: %s", rec["id"], img)
         continue
       images[j], ok[j] = img, 1
@@ -121,9 +122,8 @@ def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int
   preds = dict(zip(order, texts))
   refs = [meta[i][1] for i in order]
   metrics: dict[str, Any] = caption_metrics.score(texts, refs)
-  train = cfg.data.train
-  if not split and (":" in train or os.path.exists(train)):
-    baseline = most_frequent_caption(prepare.open_split(cfg.data, "train"))
+  if not split and mixture.present(cfg.data.train):
+    baseline = most_frequent_caption(mixture.open_train(cfg.data))
     metrics["baseline_caption"] = baseline
     metrics["baseline_cider"] = caption_metrics.score([baseline] * len(refs), refs)["cider"]
   if cfg.eval.content_accuracy:
@@ -158,8 +158,8 @@ def samples_html(source, indices: Sequence[int], preds: dict[int, str], meta,
   """A static page: each image with its predicted and reference captions."""
   def thumb(i):
     try:
-      img = transforms.decode_and_resize(source[i]["image"], _THUMB, "crop")
-    except transforms.BadImage:
+      img = images.decode_and_resize(source[i]["image"], _THUMB, "crop")
+    except images.BadImage:
       return ""
     ok, png = cv2.imencode(".png", img[:, :, ::-1])
     return f'<img src="data:image/png;base64,{base64.b64encode(png.tobytes()).decode()}">'

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 
-from pipeline import tokenizer as tokenizer_lib, transforms
+from pipeline import images, tokenizer as tokenizer_lib
 from trainer import generate, params as params_lib, sharding
 
 
@@ -38,14 +38,14 @@ class TrainedCaptioner:
         r.shardings, sharding.batch_sharding(self.mesh))
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
-  def decode(self, encoded: Sequence[bytes]) -> list[np.ndarray | transforms.BadImage]:
+  def decode(self, encoded: Sequence[bytes]) -> list[np.ndarray | images.BadImage]:
     """Each image at the model's input size, or the BadImage it raised."""
     d = self.cfg.data
 
     def one(data):
       try:
-        return transforms.decode_and_resize(data, d.image_size, d.resize, d.resample)
-      except transforms.BadImage as e:
+        return images.decode_and_resize(data, d.image_size, d.resize, d.resample)
+      except images.BadImage as e:
         return e
 
     return list(self._pool.map(one, encoded))
@@ -68,8 +68,8 @@ class TrainedCaptioner:
     for batch in batches:
       imgs = self.decode([data for _, data in batch])
       for (name, _), img in zip(batch, imgs):
-        if isinstance(img, transforms.BadImage):
-          raise transforms.BadImage(f"{name}: {img}")
+        if isinstance(img, images.BadImage):
+          raise images.BadImage(f"{name}: {img}")
       size = sharding.local_batch_size(max(self.cfg.eval.batch_size, len(imgs)))
       padded = np.zeros((size, *imgs[0].shape), np.uint8)  # one compiled shape
       padded[:len(imgs)] = imgs
