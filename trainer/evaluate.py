@@ -65,7 +65,7 @@ def evaluate_model(model: TrainedCaptioner, split: str | None = None,
     start = bounds[me] + b * local_bs
     mine = range(start, min(start + local_bs, bounds[me + 1]))
     recs = [source[i] for i in mine]
-    images = np.zeros((local_bs, size, size, 3), np.uint8)
+    pixels = np.zeros((local_bs, size, size, 3), np.uint8)
     ok = np.zeros((local_bs,), np.int32)
     for j, (rec, img) in enumerate(zip(recs, model.decode([r["image"] for r in recs]))):
       if rec.get("error"):
@@ -75,8 +75,8 @@ def evaluate_model(model: TrainedCaptioner, split: str | None = None,
           raise images.BadImage(f"record {rec['id']!r}: {img} (data.bad_records=fail)")
         logging.warning("eval: skipping record %r: %s", rec["id"], img)
         continue
-      images[j], ok[j] = img, 1
-    ids = model.generate(images)
+      pixels[j], ok[j] = img, 1
+    ids = model.generate(pixels)
     if procs > 1:
       ok = np.asarray(multihost_utils.process_allgather(ok)).reshape(-1)
     if me == 0:  # row q * local_bs + j is process q's j-th record of this batch

@@ -54,9 +54,9 @@ class TrainedCaptioner:
     """This process's rows [local batch, H, W, 3] uint8 to the token ids of
     every process's rows [global batch, L], process by process, on every
     process."""
-    images = jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh),
+    pixels = jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh),
                                                     local_images)
-    ids = self._generate(self.params, images)
+    ids = self._generate(self.params, pixels)
     if jax.process_count() == 1:
       return np.asarray(ids)
     from jax.experimental import multihost_utils
