@@ -129,10 +129,7 @@ def names(entries: Sequence[tuple[str | None, str, float]]) -> list[str]:
 def open_source(data_cfg, spec: str):
   """One source of `data.train`, opened as `prepare.open_split` opens it."""
   from pipeline import prepare  # heavy imports, not needed by the loader's workers
-  o = data_cfg.source
-  return prepare.open_source(spec, o.images or None, data_cfg.train_split, o.image_column,
-                             o.caption_column, o.data_dir or None, o.image_key,
-                             o.captions_key, o.id_key)
+  return prepare.open_split(data_cfg, "train", spec)
 
 
 def open_train(data_cfg):

@@ -98,11 +98,12 @@ def open_source(spec: str, images: str | None = None, split: str | None = None,
   return sources.coco(spec, root)
 
 
-def open_split(data_cfg, which: str):
-  """The config's `data.train` or `data.eval` source, with `data.source`'s
-  options and the split `data.train_split` / `data.eval_split`."""
+def open_split(data_cfg, which: str, spec: str | None = None):
+  """The config's `data.train` or `data.eval` source (or `spec`, one of a
+  mixture's), with `data.source`'s options and the split `data.train_split`
+  / `data.eval_split`."""
   o = data_cfg.source
-  return open_source(data_cfg[which], o.images or None, data_cfg[f"{which}_split"],
+  return open_source(spec or data_cfg[which], o.images or None, data_cfg[f"{which}_split"],
                      o.image_column, o.caption_column, o.data_dir or None, o.image_key,
                      o.captions_key, o.id_key)
 

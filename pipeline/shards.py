@@ -119,9 +119,8 @@ def _ours(out_dir: str) -> bool:
 def _clear(out_dir: str) -> None:
   for path in glob.glob(os.path.join(out_dir, "data-*.array_record")):
     os.remove(path)
-  for name in (records.MANIFEST,):
-    if os.path.exists(os.path.join(out_dir, name)):
-      os.remove(os.path.join(out_dir, name))
+  if os.path.exists(os.path.join(out_dir, records.MANIFEST)):
+    os.remove(os.path.join(out_dir, records.MANIFEST))
   shutil.rmtree(os.path.join(out_dir, WORK), ignore_errors=True)
 
 

@@ -40,6 +40,12 @@ def caption_list(value: Any) -> list[str]:
   return [str(v).strip() for v in values if v is not None and str(v).strip()]
 
 
+def reason(e: BaseException, limit: int = 200) -> str:
+  """An exception's message for a one-line error: its first line, or its type."""
+  text = str(e).strip()
+  return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class RangeUnit:
   """Records [start, stop) of a random-access source."""
 

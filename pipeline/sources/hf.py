@@ -10,7 +10,7 @@ import contextlib
 import os
 from typing import Any
 
-from pipeline.sources.base import SourceError, caption_list
+from pipeline.sources.base import SourceError, caption_list, reason
 from pipeline.sources.files import file_record
 
 
@@ -80,9 +80,8 @@ class HFDatasetSource:
       with _offline():
         return datasets.load_dataset(self.path, split=self.split or "train")
     except (ValueError, FileNotFoundError, OSError) as e:
-      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
       raise SourceError(f"hf:{self.path}: datasets.load_dataset cannot read it offline "
-                        f"({first})") from None
+                        f"({reason(e, 300)})") from None
 
   def _dataset(self):
     if self._ds is None:

@@ -9,7 +9,7 @@ import os
 from typing import Any, Iterator, Sequence
 
 from pipeline.sources.base import (FileUnit, SourceError, TruncatedInput, caption_list,
-                                   input_files)
+                                   input_files, reason)
 from pipeline.sources.files import file_record
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
@@ -28,8 +28,7 @@ def _pyarrow():
 
 
 def _reason(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.split(". ")[0].splitlines()[0][:200] if text else type(e).__name__
+  return reason(e).split(". ")[0]  # pyarrow's first sentence
 
 
 def _pick(path: str, names: Sequence[str], named: str | None, defaults: Sequence[str],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.sources.base import SourceError
+from pipeline.sources.base import SourceError, reason
 
 
 def _field(example: dict, key: str):
@@ -44,7 +44,7 @@ class TfdsSource:
             decoders={self.keys[0]: tfds.decode.SkipDecoding()})
       except Exception as e:
         raise SourceError(f"tfds:{self.name} split {self.split!r}: cannot open "
-                          f"({str(e).strip().splitlines()[0][:200]})") from None
+                          f"({reason(e)})") from None
     return self._source
 
   def __len__(self) -> int:
