@@ -103,9 +103,13 @@ def open_split(data_cfg, which: str, spec: str | None = None):
   mixture's), with `data.source`'s options and the split `data.train_split`
   / `data.eval_split`."""
   o = data_cfg.source
-  return open_source(spec or data_cfg[which], o.images or None, data_cfg[f"{which}_split"],
-                     o.image_column, o.caption_column, o.data_dir or None, o.image_key,
-                     o.captions_key, o.id_key)
+  source = open_source(spec or data_cfg[which], o.images or None, data_cfg[f"{which}_split"],
+                       o.image_column, o.caption_column, o.data_dir or None, o.image_key,
+                       o.captions_key, o.id_key)
+  if not hasattr(source, "__getitem__"):
+    raise SourceError(f"data.{which}: {source!r} is read file by file; run `capjax prepare` "
+                      "on it and name the prepared folder")
+  return source
 
 
 def ids_and_captions(source) -> list[tuple[str, list[str]]]:

@@ -473,3 +473,15 @@ def test_prepare_hf_parquet(tmp_path):
   cut = str(tmp_path / "hf" / "train-00001-of-00002.parquet")
   assert list(summary["truncated"]) == [cut]
   assert "not a readable Parquet file" in summary["truncated"][cut]
+
+
+def test_training_names_sequential_sources_as_prepare_input(tmp_path):
+  from pipeline import prepare
+  from tests.tiny_config import get_config
+
+  _webdataset(tmp_path / "wds")
+  cfg = get_config()
+  cfg.data.train = str(tmp_path / "wds")
+  with pytest.raises(SourceError, match=r"data.train: WebDatasetSource\(.*\) is read file by "
+                     r"file; run `capjax prepare` on it"):
+    prepare.open_split(cfg.data, "train")
