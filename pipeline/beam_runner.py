@@ -1,7 +1,7 @@
 """`capjax prepare --runner beam`: the same shards, written by Apache Beam.
 
-The pipeline is the shard numbers still to write, reshuffled over the
-workers, each written by `shards.write_shard` as the local runner writes it;
+The pipeline is the shards still to write (each its number and its unit,
+which carries only its own input), reshuffled over the workers, each written by `shards.write_shard` as the local runner writes it;
 the manifest is written by the launching process when the pipeline is done.
 Beam's pipeline options choose the engine (Dataflow, Flink, Spark); without
 `--runner` it runs on this machine with Beam's FnApiRunner in worker
@@ -36,13 +36,16 @@ def run(out_dir: str, units: Sequence[Any], todo: Sequence[int], opts: shards.Op
   except ImportError:
     raise SourceError("--runner beam needs Apache Beam: pip install 'capjax[beam]'") from None
 
+  count = len(units)
+
   class WriteShard(beam.DoFn):
-    def process(self, index: int):
-      counts = shards.write_shard(out_dir, index, units, opts)
+    def process(self, task: tuple[int, Any]):
+      index, unit = task
+      counts = shards.write_shard(out_dir, index, count, unit, opts)
       beam.metrics.Metrics.counter("capjax", "records").inc(counts["records"])
       beam.metrics.Metrics.counter("capjax", "skipped").inc(sum(counts["skipped"].values()))
       yield index
 
   with beam.Pipeline(options=PipelineOptions(options(beam_options, workers))) as p:
-    _ = (p | "shards" >> beam.Create(list(todo)) | beam.Reshuffle()
+    _ = (p | "shards" >> beam.Create([(i, units[i]) for i in todo]) | beam.Reshuffle()
          | "write" >> beam.ParDo(WriteShard()))

@@ -22,6 +22,7 @@ import queue
 import signal
 import sys
 import time
+import types
 from typing import Any
 
 from pipeline import records, shards, sources
@@ -162,24 +163,40 @@ class Progress:
 _worker: dict[str, Any] = {}
 
 
-def _init(out_dir: str, units: list, options: shards.Options, reports) -> None:
+def _init(out_dir: str, count: int, options: shards.Options, reports) -> None:
   if sys.platform == "linux":  # a worker outlives no killed prepare (its parent, the forkserver)
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  _worker.update(out_dir=out_dir, units=units, options=options, reports=reports)
+  _worker.update(out_dir=out_dir, count=count, options=options, reports=reports)
 
 
-def _write(index: int) -> tuple[int, dict]:
+def _write(index: int, unit: Any) -> tuple[int, dict]:
+  """Each task carries its own unit: a worker holds the rows it writes, not every unit's."""
   reports = _worker["reports"]
-  counts = shards.write_shard(_worker["out_dir"], index, _worker["units"], _worker["options"],
-                              lambda *r: reports.put((index, *r)))
+  counts = shards.write_shard(_worker["out_dir"], index, _worker["count"], unit,
+                              _worker["options"], lambda *r: reports.put((index, *r)))
   return index, counts
+
+
+def _preload() -> list[str]:
+  """The modules a worker needs: this one, and those the main module took
+  names from. A worker runs the main module again (as a spawned process
+  does), and Python 3.11's forkserver drops a "__main__" preload, so what
+  the main module imports is imported once, in the server, instead of once
+  per worker (a second each for a script importing Grain or JAX)."""
+  names = {__name__}
+  for value in vars(sys.modules.get("__main__", types.ModuleType("none"))).values():
+    name = value.__name__ if isinstance(value, types.ModuleType) else getattr(
+        value, "__module__", None)
+    if (isinstance(name, str) and name in sys.modules and not name.startswith("_")
+        and name not in sys.builtin_module_names):
+      names.add(name)
+  return sorted(names)
 
 
 def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Options,
                workers: int, progress: Progress) -> None:
   ctx = multiprocessing.get_context("forkserver")
-  # Workers start from a process that has imported what they run.
-  ctx.set_forkserver_preload(["__main__", __name__])
+  ctx.set_forkserver_preload(_preload())  # workers start from a process that has imported them
   reports = ctx.Queue()  # (shard, work, kept, skipped) from the workers; None: one ended
   failed: list[BaseException] = []
   finished: list[int] = []
@@ -188,29 +205,34 @@ def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Optio
     outcome.append(value)
     reports.put(None)
 
-  with ctx.Pool(workers, initializer=_init, initargs=(out_dir, units, options, reports)) as pool:
-    for i in todo:
-      pool.apply_async(_write, (i,), callback=lambda r: ended(finished, r[0]),
-                       error_callback=lambda e: ended(failed, e))
-    while len(finished) < len(todo) and not failed:
+  try:
+    with ctx.Pool(workers, initializer=_init,
+                  initargs=(out_dir, len(units), options, reports)) as pool:
+      for i in todo:
+        pool.apply_async(_write, (i, units[i]), callback=lambda r: ended(finished, r[0]),
+                         error_callback=lambda e: ended(failed, e))
+      while len(finished) < len(todo) and not failed:
+        try:
+          report = reports.get(timeout=min(max(progress.every, 0.05), 5.0))
+          if report is not None:
+            progress.update(*report)
+        except queue.Empty:
+          pass
+        progress.written = len(finished)
+        progress.tick()
+      if failed:
+        pool.terminate()
+        raise failed[0]
+    while True:  # the last reports, so that the final line counts everything
       try:
-        report = reports.get(timeout=min(max(progress.every, 0.05), 5.0))
-        if report is not None:
-          progress.update(*report)
+        report = reports.get_nowait()
       except queue.Empty:
-        pass
-      progress.written = len(finished)
-      progress.tick()
-    if failed:
-      pool.terminate()
-      raise failed[0]
-  while True:  # the last reports, so that the final line counts everything
-    try:
-      report = reports.get_nowait()
-    except queue.Empty:
-      break
-    if report is not None:
-      progress.update(*report)
+        break
+      if report is not None:
+        progress.update(*report)
+  finally:  # its feeder thread ends here, not in an exit handler (one was seen waiting there)
+    reports.close()
+    reports.join_thread()
 
 
 def prepare(source, out_dir: str, num_shards: int | None = None, workers: int | None = None,

@@ -66,10 +66,9 @@ def _counts_path(out_dir: str, index: int, count: int) -> str:
 Report = Callable[[int, int, int], None]  # (work done, records kept, records skipped)
 
 
-def write_shard(out_dir: str, index: int, units: Sequence[Any], options: Options,
+def write_shard(out_dir: str, index: int, count: int, unit: Any, options: Options,
                 report: Report | None = None, report_every: float = 0.5) -> dict[str, Any]:
-  """Writes unit `index` of `units` as its shard; returns (and saves) its counts."""
-  unit, count = units[index], len(units)
+  """Writes `unit`, number `index` of `count`, as its shard; returns (and saves) its counts."""
   final = records.shard_path(out_dir, index, count)
   tmp = os.path.join(out_dir, WORK, f"{os.path.basename(final)}.tmp-{os.getpid()}")
   counts: dict[str, Any] = {"unit": unit.key, "name": unit.name, "records": 0, "captions": 0,

@@ -138,3 +138,31 @@ def test_beam_runner_writes_what_the_local_runner_writes(tmp_path):
   assert beam == local and local["records"] == 29 and local["skipped"] == {
       "not a readable image": 1}
   assert _shards(tmp_path / "beam") == _shards(tmp_path / "local")
+
+
+def test_a_unit_carries_only_its_own_rows(tmp_path):
+  """A worker is handed its unit's rows, not the whole table."""
+  table, _ = _noise_table(tmp_path, 40, h=16, w=16)
+  source = prepare.open_source(str(table))
+  units = prepare.sources.units(source, 8)
+  assert [len(u.source) for u in units] == [5] * 8
+  assert [rec for u in units for _, rec in u.read()] == [source[i] for i in range(40)]
+
+
+def test_workers_do_not_import_the_main_script_again(tmp_path):
+  """A script calling prepare: what it imports is imported once more in the
+  forkserver, not once in every worker (a second each with Grain or JAX)."""
+  table, _ = _noise_table(tmp_path, 16, h=16, w=16)
+  log = tmp_path / "imports.txt"
+  (tmp_path / "heavy.py").write_text(
+      f"import os\nwith open({str(log)!r}, 'a') as f:\n  f.write(f'{{os.getpid()}}\\n')\n")
+  (tmp_path / "script.py").write_text(
+      "import sys\nimport heavy\nfrom pipeline import prepare\n"
+      "if __name__ == '__main__':\n"
+      f"  prepare.prepare(prepare.open_source({str(table)!r}), {str(tmp_path / 'out')!r},"
+      " num_shards=4, workers=2)\n")
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+  proc = subprocess.run([sys.executable, str(tmp_path / "script.py")], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert len(log.read_text().split()) == 2  # the script and the forkserver

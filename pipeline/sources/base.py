@@ -47,17 +47,21 @@ def reason(e: BaseException, limit: int = 200) -> str:
 
 
 class RangeUnit:
-  """Records [start, stop) of a random-access source."""
+  """Records [start, stop) of a random-access source. A source that can cut
+  out a range of its rows (`window(start, stop)`) gives the unit only those:
+  a worker then holds its own unit's rows, not the whole table."""
 
   def __init__(self, source: Any, start: int, stop: int):
-    self.source, self.start, self.stop = source, start, stop
+    window = getattr(source, "window", None)
+    self.source, self.offset = (window(start, stop), start) if window else (source, 0)
+    self.start, self.stop = start, stop
     self.name = f"records {start}..{stop - 1}"
     self.key = f"{start}:{stop}"
     self.size = stop - start
 
   def read(self) -> Iterator[tuple[int, dict[str, Any]]]:
     for i in range(self.start, self.stop):
-      yield i - self.start + 1, self.source[i]
+      yield i - self.start + 1, self.source[i - self.offset]
 
 
 class FileUnit:

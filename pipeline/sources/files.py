@@ -53,6 +53,10 @@ class FileSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return file_record(*self.items[index])
 
+  def window(self, start: int, stop: int) -> "FileSource":
+    """Records [start, stop) alone, indexed from 0."""
+    return FileSource(self.items[start:stop], f"{self.description} [{start}:{stop}]")
+
   def __repr__(self) -> str:
     return f"FileSource({self.description}, records={len(self)})"
 
