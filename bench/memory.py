@@ -1,6 +1,9 @@
 """Peak memory of a command and every process it starts (workers included),
-sampled from /proc: what `ru_maxrss` cannot tell, since a pool's workers
-are not the command's own children."""
+from /proc: what `ru_maxrss` cannot tell, since a pool's workers are not the
+command's own children. Each process's own high-water mark (VmHWM, kept by
+the kernel) is read while it lives and the marks are summed: sampling the
+resident total instead misses short peaks, more often in a short run than a
+long one, which biases any comparison of two sizes."""
 
 from __future__ import annotations
 
@@ -11,11 +14,11 @@ import time
 from typing import Sequence
 
 
-def _rss(pid: int) -> int:
+def _hwm(pid: int) -> int:
   try:
     with open(f"/proc/{pid}/status") as f:
       for line in f:
-        if line.startswith("VmRSS:"):
+        if line.startswith("VmHWM:"):
           return int(line.split()[1]) * 1024
   except OSError:
     pass
@@ -39,20 +42,22 @@ def _tree(pid: int) -> list[int]:
 
 def peak_rss(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02,
              timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
-  """Runs `cmd`; returns its CompletedProcess and the largest total resident
-  memory its process tree held at any sample, in bytes."""
+  """Runs `cmd`; returns its CompletedProcess and the sum of the peak
+  resident memory of every process in its tree, in bytes."""
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env)
-  peak, deadline = 0, time.monotonic() + timeout
+  marks: dict[int, int] = {}
+  deadline = time.monotonic() + timeout
   out: dict[str, str] = {}
   reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"),
                                                           proc.communicate())))
   reader.start()
   while proc.poll() is None and time.monotonic() < deadline:
-    peak = max(peak, sum(_rss(p) for p in _tree(proc.pid)))
+    for p in _tree(proc.pid):
+      marks[p] = max(marks.get(p, 0), _hwm(p))
     time.sleep(interval)
   if proc.poll() is None:
     proc.kill()
   reader.join()
   return subprocess.CompletedProcess(cmd, proc.returncode, out.get("stdout", ""),
-                                     out.get("stderr", "")), peak
+                                     out.get("stderr", "")), sum(marks.values())
