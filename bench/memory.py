@@ -1,9 +1,12 @@
 """Peak memory of a command and every process it starts (workers included),
 from /proc: what `ru_maxrss` cannot tell, since a pool's workers are not the
-command's own children. Each process's own high-water mark (VmHWM, kept by
-the kernel) is read while it lives and the marks are summed: sampling the
-resident total instead misses short peaks, more often in a short run than a
-long one, which biases any comparison of two sizes."""
+command's own children. What is counted is the memory the processes hold of
+their own (anonymous and shared memory, RssAnon + RssShmem), each process's
+largest sample summed over the tree: file-backed pages (shared libraries'
+code) are left out, since the kernel may map those in 2 MiB pages depending
+on what else runs on the machine, which moved a process's RSS by tens of MiB
+between runs here.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +17,17 @@ import time
 from typing import Sequence
 
 
-def _hwm(pid: int) -> int:
+def _own(pid: int) -> int:
+  """RssAnon + RssShmem of `pid`, in bytes (0 once it is gone)."""
+  total = 0
   try:
     with open(f"/proc/{pid}/status") as f:
       for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) * 1024
+        if line.startswith(("RssAnon:", "RssShmem:")):
+          total += int(line.split()[1]) * 1024
   except OSError:
     pass
-  return 0
+  return total
 
 
 def _tree(pid: int) -> list[int]:
@@ -42,8 +47,8 @@ def _tree(pid: int) -> list[int]:
 
 def peak_rss(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02,
              timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
-  """Runs `cmd`; returns its CompletedProcess and the sum of the peak
-  resident memory of every process in its tree, in bytes."""
+  """Runs `cmd`; returns its CompletedProcess and the sum, over every process
+  in its tree, of the most memory of its own it held at a sample, in bytes."""
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env)
   marks: dict[int, int] = {}
@@ -54,7 +59,7 @@ def peak_rss(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02
   reader.start()
   while proc.poll() is None and time.monotonic() < deadline:
     for p in _tree(proc.pid):
-      marks[p] = max(marks.get(p, 0), _hwm(p))
+      marks[p] = max(marks.get(p, 0), _own(p))
     time.sleep(interval)
   if proc.poll() is None:
     proc.kill()

@@ -13,9 +13,9 @@ listed 4 times over (under other names) in a CSV table, for the speeds:
                 processes, 8 shards, timed from the call to its return
                 (worker start-up included; the first call of the run also
                 starts the forkserver, as every `capjax prepare` does);
-  memory        the peak resident memory of `capjax prepare` with 2
-                workers, each process's own peak summed over its process
-                tree (bench/memory.py), on the table and on one 4 times
+  memory        the peak memory of `capjax prepare` with 2
+                workers, each process's own (anonymous) peak summed over its
+                process tree (bench/memory.py), on the table and on one 4 times
                 larger (each image listed 4 times under other names), and
                 how much of the extra input it grew by.
 
