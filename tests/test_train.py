@@ -56,6 +56,7 @@ def test_second_run_resumes_where_the_first_stopped(prepared, trained_run, tmp_p
       f.unlink()
   proc = _train(tmp_path, prepared, "--config.train.steps=10")
   assert "resuming from the checkpoint at step 6" in proc.stdout
+  assert not half.exists()  # removed, not left holding its space
   rows = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")
           if "train/loss" in l]
   assert rows == list(range(1, 11))  # nothing trained twice

@@ -3,7 +3,8 @@ stream's position and the config, under `WORKDIR/checkpoints/STEP/`.
 
 Saves are asynchronous and atomic (Orbax writes into a temporary folder and
 renames it when complete), so a run killed mid-save resumes from the previous
-complete checkpoint.
+complete checkpoint; the killed save's temporary folder is removed when the
+next run opens the folder for writing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline import atomic
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, create=not read_only,
+      cleanup_tmp_directories=not read_only,  # a killed save's leftovers hold space
       save_interval_steps=0 if read_only else 1,
       enable_async_checkpointing=not read_only, read_only=read_only)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
