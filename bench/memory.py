@@ -2,10 +2,10 @@
 from /proc: what `ru_maxrss` cannot tell, since a pool's workers are not the
 command's own children. What is counted is the memory the processes hold of
 their own (anonymous and shared memory, RssAnon + RssShmem), each process's
-largest sample summed over the tree: file-backed pages (shared libraries'
-code) are left out, since the kernel may map those in 2 MiB pages depending
-on what else runs on the machine, which moved a process's RSS by tens of MiB
-between runs here.
+largest sample summed over the tree. File-backed pages (shared libraries'
+code) are left out: how many of those are resident depends on what else runs
+on the machine (the same prepare measured 73 MiB more RSS inside the full
+test run than alone).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _tree(pid: int) -> list[int]:
   return found
 
 
-def peak_rss(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02,
+def peak_memory(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02,
              timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
   """Runs `cmd`; returns its CompletedProcess and the sum, over every process
   in its tree, of the most memory of its own it held at a sample, in bytes."""

@@ -13,11 +13,11 @@ listed 4 times over (under other names) in a CSV table, for the speeds:
                 processes, 8 shards, timed from the call to its return
                 (worker start-up included; the first call of the run also
                 starts the forkserver, as every `capjax prepare` does);
-  memory        the peak memory of `capjax prepare` with 2
-                workers, each process's own (anonymous) peak summed over its
-                process tree (bench/memory.py), on the table and on one 4 times
-                larger (each image listed 4 times under other names), and
-                how much of the extra input it grew by.
+  memory        the peak memory of `capjax prepare` with 2 workers (each
+                process's own memory at its peak, summed: bench/memory.py),
+                on the table and on one 4 times larger (each image listed 4
+                times under other names), and how much of the extra input it
+                grew by.
 
 Speeds are the best of --repeats rounds, the rounds alternating: this
 machine's speed drifts. The last line is one JSON object with the figures.
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.memory import peak_rss  # noqa: E402
+from bench.memory import peak_memory  # noqa: E402
 from bench.pipeline import photo_like  # noqa: E402
 from pipeline import prepare, records, shards  # noqa: E402
 
@@ -108,8 +108,8 @@ def main():
     peaks = []
     for spec in (small, large):
       out = os.path.join(tmp, "mem-out")
-      proc, peak = peak_rss([sys.executable, "-m", "trainer.cli", "prepare", spec, "--out", out,
-                             "--workers", "2"])
+      proc, peak = peak_memory([sys.executable, "-m", "trainer.cli", "prepare", spec,
+                                "--out", out, "--workers", "2"])
       assert proc.returncode == 0, proc.stderr
       shutil.rmtree(out)
       peaks.append(peak)

@@ -1,8 +1,9 @@
 """`capjax prepare --runner beam`: the same shards, written by Apache Beam.
 
 The pipeline is the shards still to write (each its number and its unit,
-which carries only its own input), reshuffled over the workers, each written by `shards.write_shard` as the local runner writes it;
-the manifest is written by the launching process when the pipeline is done.
+which carries only its own input), reshuffled over the workers, each written
+by `shards.write_shard` as the local runner writes it; the manifest is
+written by the launching process when the pipeline is done.
 Beam's pipeline options choose the engine (Dataflow, Flink, Spark); without
 `--runner` it runs on this machine with Beam's FnApiRunner in worker
 processes (Beam's default local runner first tries to download a Prism

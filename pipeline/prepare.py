@@ -184,7 +184,8 @@ def _preload() -> list[str]:
   the main module imports is imported once, in the server, instead of once
   per worker (a second each for a script importing Grain or JAX)."""
   names = {__name__}
-  for value in vars(sys.modules.get("__main__", types.ModuleType("none"))).values():
+  main = sys.modules.get("__main__")
+  for value in vars(main).values() if main else ():
     name = value.__name__ if isinstance(value, types.ModuleType) else getattr(
         value, "__module__", None)
     if (isinstance(name, str) and name in sys.modules and not name.startswith("_")

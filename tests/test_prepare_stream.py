@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from bench.memory import peak_rss
+from bench.memory import peak_memory
 from pipeline import images, prepare, records
 from tests.conftest import REPO, run_capjax
 
@@ -115,9 +115,9 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
   peaks, sizes = [], []
   for n in (300, 1200):
     table, total = _noise_table(tmp_path / str(n), n, seed=n)
-    proc, peak = peak_rss([sys.executable, "-m", "trainer.cli", "prepare", str(table),
-                           "--out", str(tmp_path / f"out{n}"), "--workers", "2",
-                           "--num-shards", "2"])
+    proc, peak = peak_memory([sys.executable, "-m", "trainer.cli", "prepare", str(table),
+                              "--out", str(tmp_path / f"out{n}"), "--workers", "2",
+                              "--num-shards", "2"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["records"] == n
     peaks.append(peak)
