@@ -9,10 +9,11 @@ listed 4 times over (under other names) in a CSV table, for the speeds:
                 it whole, encode the record, write it to one ArrayRecord
                 shard (shards.encode and records.shard_writer, what a
                 prepare worker does, without prepare around it);
-  workers_1/2   `prepare.prepare` on the same table with 1 and 2 worker
-                processes, 8 shards, timed from the call to its return
-                (worker start-up included; the first call of the run also
-                starts the forkserver, as every `capjax prepare` does);
+  workers_1/2   `prepare.prepare` on the same table with 1 and 2 workers, 8
+                shards, timed from the call to its return (one worker is
+                prepare's own process; two are a pool of worker processes,
+                their start-up included, and the first such call of the run
+                also starts the forkserver, as every `capjax prepare` does);
   memory        the peak memory of `capjax prepare` with 2 workers (each
                 process's own memory at its peak, summed: bench/memory.py),
                 on the table and on one 4 times larger (each image listed 4

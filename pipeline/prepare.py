@@ -4,8 +4,8 @@
 folder, `tfds:NAME`, `hf:NAME`, a COCO caption JSON, the Karpathy split JSON,
 a CSV/JSON/JSONL table, WebDataset tar shards or Parquet files. `prepare`
 cuts it into units (an input file, or a range of records), each streamed
-into one output shard by a worker process, or by Apache Beam's workers
-(`runner="beam"`): memory stays bounded whatever the data set's size, and a
+into one output shard by a worker process (by prepare's own process when it
+has one worker), or by Apache Beam's workers (`runner="beam"`): memory stays bounded whatever the data set's size, and a
 prepare that was stopped, run again, writes only the shards it had not
 finished (shards.py). Every image is decoded once, so damaged files are found
 here rather than in the middle of a run; those are skipped, counted and
@@ -194,6 +194,20 @@ def _preload() -> list[str]:
   return sorted(names)
 
 
+def _run_here(out_dir: str, units: list, todo: list[int], options: shards.Options,
+              progress: Progress) -> None:
+  """One worker: the units are written in this process, one after another; a
+  pool of one would add its start-up and the hand-over of every report."""
+  for i in todo:
+    def report(work: int, kept: int, skipped: int, index: int = i) -> None:
+      progress.update(index, work, kept, skipped)
+      progress.tick()
+
+    shards.write_shard(out_dir, i, len(units), units[i], options, report)
+    progress.written += 1
+    progress.tick()
+
+
 def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Options,
                workers: int, progress: Progress) -> None:
   ctx = multiprocessing.get_context("forkserver")
@@ -267,6 +281,8 @@ def prepare(source, out_dir: str, num_shards: int | None = None, workers: int | 
     from pipeline import beam_runner
 
     beam_runner.run(out_dir, units, todo, options, beam_options, workers)
+  elif todo and workers == 1:
+    _run_here(out_dir, units, todo, options, progress)
   elif todo:
     _run_local(out_dir, units, todo, options, workers, progress)
   summary = shards.finish(out_dir, plan)

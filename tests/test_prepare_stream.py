@@ -45,9 +45,10 @@ def _counts_written(out):
       if work.is_dir() else []
 
 
-def test_killed_prepare_resumes_to_identical_shards(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])  # prepare's own process; a pool
+def test_killed_prepare_resumes_to_identical_shards(tmp_path, workers):
   table, _ = _noise_table(tmp_path, 240)
-  args = [str(table), "--workers", "1", "--num-shards", "8"]
+  args = [str(table), "--workers", workers, "--num-shards", "8"]
   whole = tmp_path / "whole"
   run_capjax("prepare", *args, "--out", str(whole))
 
@@ -97,10 +98,21 @@ def test_prepare_again_reuses_or_starts_over(tmp_path):
   assert (out / "notes.txt").read_text() == "mine" and len(_shards(out)) == 3
 
 
-def test_progress_lines(tmp_path, capfd):
+def test_one_worker_writes_what_two_write(tmp_path):
+  table, _ = _noise_table(tmp_path, 30, h=32, w=32)
+  (tmp_path / "img" / "00007.jpg").write_bytes(b"not a jpeg")
+  source = prepare.open_source(str(table))
+  one = prepare.prepare(source, str(tmp_path / "one"), num_shards=4, workers=1)
+  two = prepare.prepare(source, str(tmp_path / "two"), num_shards=4, workers=2)
+  assert one == two and one["records"] == 29 and sum(one["skipped"].values()) == 1
+  assert _shards(tmp_path / "one") == _shards(tmp_path / "two")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_lines(tmp_path, capfd, workers):
   table, _ = _noise_table(tmp_path, 40, h=32, w=32)
   prepare.prepare(prepare.open_source(str(table)), str(tmp_path / "out"), num_shards=4,
-                  workers=2, progress_every=0)
+                  workers=workers, progress_every=0)
   err = capfd.readouterr().err
   lines = [line for line in err.splitlines() if line.startswith("prepare: ")]
   assert any("images/s" in line and "ETA" in line and "skipped" in line for line in lines)

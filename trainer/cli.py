@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--num-shards", type=int, default=None, help="shards of a random-access source "
                  "(default: one per 10,000 records, at least 8); .tar and Parquet input: one "
                  "shard per file")
-  s.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+  s.add_argument("--workers", type=int, default=None,
+                 help="worker processes (default: all cores; 1: prepare's own process)")
   s.add_argument("--runner", choices=("local", "beam"), default="local", help="local: worker "
                  "processes on this machine; beam: an Apache Beam pipeline (pip install "
                  "'capjax[beam]'; see docs/prepare.md)")
