@@ -5,19 +5,117 @@ Saves are asynchronous and atomic (Orbax writes into a temporary folder and
 renames it when complete), so a run killed mid-save resumes from the previous
 complete checkpoint; the killed save's temporary folder is removed when the
 next run opens the folder for writing.
+
+Every checkpoint carries checksums of what it holds (item `checksums`): two
+32-bit sums over each array's bits, computed on the devices where the array
+lives (so the same whatever the sharding), and SHA-256 of the JSON items.
+A restore recomputes them; a mismatch, or a checkpoint that cannot be read,
+is a `CorruptCheckpoint`. Resuming, a run sets such a checkpoint aside as
+`checkpoints/corrupt-STEP` and resumes from the newest one that verifies.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
 from pipeline import atomic
+
+CHECKSUMS = "checksums"
+CORRUPT = "corrupt-"  # checkpoints/corrupt-STEP: set aside, not deleted
+
+
+class CorruptCheckpoint(ValueError):
+  """A checkpoint that cannot be read, or whose contents do not match the
+  checksums saved with it; the message names the step folder and the item."""
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words, in its own shape (plus a trailing
+  axis of 2 for 64-bit types): no reshape, so no data moves between devices."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  words = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, words).astype(jnp.uint32)
+
+
+def _digest(x: jax.Array) -> jax.Array:
+  """Two wrapping uint32 sums, exact in any order of reduction: of each word
+  times an odd weight of its position (a single flipped bit always changes
+  it), and of a mixed hash of word and position."""
+  u = _bits(x)
+  index = jnp.zeros(u.shape, jnp.uint32)
+  for axis, stride in enumerate(np.cumprod((u.shape + (1,))[:0:-1])[::-1]):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(
+        int(stride) % 2**32)
+  weighted = jnp.sum(u * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+  h = u ^ (index * jnp.uint32(0x9E3779B9))
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  mixed = jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+  return jnp.stack([weighted, mixed])
+
+
+@jax.jit
+def _digests(leaves: list) -> jax.Array:
+  return jnp.stack([_digest(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def array_checksums(tree: Any) -> dict[str, str]:
+  """{leaf path: checksum} of a tree of (possibly sharded, multi-process) arrays."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  values = np.asarray(_digests([jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
+                                for _, leaf in flat]))
+  return {_name(path): f"{a:08x}{b:08x}" for (path, _), (a, b) in zip(flat, values.tolist())}
+
+
+def _name(path: tuple) -> str:
+  """decoder/h/0/attn/key/kernel for a tree path (an nnx Variable's `.value` left out)."""
+  parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return "/".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def json_checksum(value: Any) -> str:
+  """SHA-256 of a JSON item as it reads back."""
+  canonical = json.dumps(json.loads(json.dumps(value)), sort_keys=True)
+  return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _checksums(arrays: dict[str, Any], jsons: dict[str, Any]) -> dict[str, Any]:
+  return {**{k: array_checksums(v) for k, v in arrays.items()},
+          **{k: json_checksum(v) for k, v in jsons.items()}}
+
+
+def verify(where: str, saved: dict | None, arrays: dict[str, Any],
+           jsons: dict[str, Any]) -> None:
+  """Raises CorruptCheckpoint unless the restored items match `saved`, the
+  checksums saved with them (None: a checkpoint written without them)."""
+  if saved is None:
+    return
+  for item, tree in arrays.items():
+    got = array_checksums(tree)
+    for path in sorted(set(got) | set(saved.get(item, {}))):
+      if got.get(path) != saved[item].get(path):
+        raise CorruptCheckpoint(f"checkpoint {where}/{item}: array {path} does not match "
+                                "the checksum saved with it")
+  for item, value in jsons.items():
+    if json_checksum(value) != saved.get(item):
+      raise CorruptCheckpoint(f"checkpoint {where}/{item}: does not match the checksum "
+                              "saved with it")
 
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -30,14 +128,18 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
                                options=options)
 
 
+def _save_args(arrays: dict[str, Any], jsons: dict[str, Any]) -> ocp.args.Composite:
+  """The items and their checksums (computed now, before an asynchronous save)."""
+  return ocp.args.Composite(
+      **{k: ocp.args.StandardSave(v) for k, v in arrays.items()},
+      **{k: ocp.args.JsonSave(v) for k, v in jsons.items()},
+      **{CHECKSUMS: ocp.args.JsonSave(_checksums(arrays, jsons))})
+
+
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
          data_state: dict, config: ConfigDict) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(config.to_dict()),
-  ))
+  mngr.save(step, args=_save_args({"params": params, "opt_state": opt_state},
+                                  {"data": data_state, "config": config.to_dict()}))
 
 
 class Cadence:
@@ -72,27 +174,127 @@ class Cadence:
 def save_params(workdir: str, step: int, params: Any, config: ConfigDict) -> None:
   """A checkpoint of parameters and config alone (an imported model)."""
   mngr = manager(workdir)
-  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                          config=ocp.args.JsonSave(config.to_dict())))
+  mngr.save(step, args=_save_args({"params": params}, {"config": config.to_dict()}))
   mngr.wait_until_finished()
   mngr.close()
 
 
-def restore_train_state(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
-                        abstract_opt_state: Any, data_iter: Any) -> tuple[Any, Any]:
-  """Restores parameters and optimiser state with the given shardings, and the
-  data stream's position in place (saved by any number of processes)."""
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params),
-      opt_state=ocp.args.StandardRestore(abstract_opt_state),
-      data=ocp.args.JsonRestore(),
-  ))
-  saved, now = out.data.get("stream"), data_iter.get_state().get("stream")
-  if saved != now:
-    print(f"note: the checkpoint's data stream was {saved}; continuing at its batch "
-          f"{out.data['next_batch']} of {now}", flush=True)
-  data_iter.set_state(out.data)
-  return out.params, out.opt_state
+def step_dir(mngr_or_workdir: Any, step: int) -> str:
+  root = (mngr_or_workdir.directory if isinstance(mngr_or_workdir, ocp.CheckpointManager)
+          else os.path.join(os.path.abspath(mngr_or_workdir), "checkpoints"))
+  return os.path.join(str(root), str(step))
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, arrays: dict[str, Any],
+             jsons: tuple[str, ...]) -> dict[str, Any]:
+  """The named items of checkpoint `step`, verified against its checksums."""
+  where = step_dir(mngr, step)
+  has_sums = os.path.isdir(os.path.join(where, CHECKSUMS))
+  names = jsons + ((CHECKSUMS,) if has_sums else ())
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(
+        **{k: ocp.args.StandardRestore(v) for k, v in arrays.items()},
+        **{k: ocp.args.JsonRestore() for k in names}))
+  except Exception as e:  # any read or decode error
+    _quiet_abandoned_reads()
+    raise CorruptCheckpoint(f"checkpoint {where}: cannot be read: {_cause(e)}") from e
+  items = {k: out[k] for k in (*arrays, *jsons)}
+  verify(where, out[CHECKSUMS] if has_sums else None, {k: items[k] for k in arrays},
+         {k: items[k] for k in jsons})
+  return items
+
+
+def _cause(e: BaseException) -> str:
+  """The first line of the innermost error (TensorStore's names the file)."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  lines = str(e).strip().splitlines()
+  return (lines[0] if lines else type(e).__name__)[:400]
+
+
+_READ_ERROR = "Encountered error while reading array index"
+
+
+def _quiet_abandoned_reads() -> None:
+  """A failed restore leaves the other reads of its item running; as they
+  end, Python and asyncio report each on stderr (a traceback of TensorStore's
+  spec, or an event loop that is closed). The failure is reported in one line."""
+  previous = sys.unraisablehook
+  if getattr(previous, "capjax", False):
+    return
+
+  def hook(unraisable) -> None:
+    text = str(unraisable.exc_value)
+    if not (text.startswith(_READ_ERROR) or text == "Event loop is closed"):
+      previous(unraisable)
+
+  def abandoned(record: logging.LogRecord) -> bool:  # asyncio's "never retrieved"
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and str(exc).startswith(_READ_ERROR))
+
+  hook.capjax = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(abandoned)
+  gc.collect()
+
+
+def _agree(ok: bool) -> bool:
+  """Whether every process got `ok` (a read error may strike one process only)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Moves checkpoint `step` to `checkpoints/corrupt-STEP` (kept for a
+  person to look at, out of the way of saves and restores); returns that path."""
+  where = step_dir(mngr, step)
+  target = os.path.join(os.path.dirname(where), f"{CORRUPT}{step}")
+  n = 1
+  while os.path.exists(target):
+    n += 1
+    target = os.path.join(os.path.dirname(where), f"{CORRUPT}{step}-{n}")
+  if jax.process_index() == 0:
+    os.rename(where, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"set aside {step}")
+  mngr.reload()
+  return target
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, abstract_params: Any,
+                        abstract_opt_state: Any, data_iter: Any) -> tuple[int, Any, Any] | None:
+  """(step, params, opt_state) of the newest checkpoint that verifies, with
+  the given shardings, and the data stream's position set in place (saved
+  by any number of processes); None without checkpoints. Newer checkpoints
+  that fail are set aside, each reported in one line; if none verifies,
+  nothing is moved and the newest one's error is raised."""
+  failed: list[tuple[int, CorruptCheckpoint]] = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      out, error = _restore(mngr, step, {"params": abstract_params,
+                                         "opt_state": abstract_opt_state}, ("data",)), None
+    except CorruptCheckpoint as e:
+      out, error = None, e
+    if not _agree(error is None):
+      failed.append((step, error or CorruptCheckpoint(
+          f"checkpoint {step_dir(mngr, step)}: cannot be read by another process")))
+      continue
+    for bad, e in failed:
+      print(f"{e}; moved it to {set_aside(mngr, bad)}, resuming from step {step}", flush=True)
+    saved, now = out["data"].get("stream"), data_iter.get_state().get("stream")
+    if saved != now:
+      print(f"note: the checkpoint's data stream was {saved}; continuing at its batch "
+            f"{out['data']['next_batch']} of {now}", flush=True)
+    data_iter.set_state(out["data"])
+    return step, out["params"], out["opt_state"]
+  if failed:
+    raise CorruptCheckpoint(f"{failed[0][1]}" + (
+        f"; nor do the {len(failed) - 1} before it verify (nothing moved)"
+        if len(failed) > 1 else ""))
+  return None
 
 
 BEST = "best"  # WORKDIR/best: a run directory of its own, the best model so far
@@ -105,9 +307,7 @@ def save_best(workdir: str, step: int, params: Any, config: ConfigDict, metric: 
   import jax
   best = os.path.join(workdir, BEST)
   mngr = manager(best, keep=1)
-  mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                          config=ocp.args.JsonSave(config.to_dict())),
-            force=True)
+  mngr.save(step, args=_save_args({"params": params}, {"config": config.to_dict()}), force=True)
   mngr.wait_until_finished()
   mngr.close()
   if jax.process_index() == 0:
@@ -129,26 +329,30 @@ def best_value(workdir: str) -> float | None:
 def find(path: str) -> tuple[str, int]:
   """A run directory, its `checkpoints/` folder or one step folder, to
   (run directory, step); the latest step unless one is named."""
+  workdir, steps = candidates(path)
+  return workdir, steps[0]
+
+
+def candidates(path: str) -> tuple[str, list[int]]:
+  """A run directory, its `checkpoints/` folder or one step folder, to (run
+  directory, steps to try, newest first): just the one step if one is named."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"--checkpoint {path}: no such directory")
   base = os.path.basename(path)
   if base.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-    return os.path.dirname(os.path.dirname(path)), int(base)
+    return os.path.dirname(os.path.dirname(path)), [int(base)]
   workdir = os.path.dirname(path) if base == "checkpoints" else path
-  step = manager(workdir, read_only=True).latest_step()
-  if step is None:
+  steps = sorted(manager(workdir, read_only=True).all_steps(), reverse=True)
+  if not steps:
     raise FileNotFoundError(f"--checkpoint {path}: holds no complete checkpoint")
-  return workdir, step
+  return workdir, steps
 
 
 def load_config(workdir: str, step: int) -> ConfigDict:
-  out = manager(workdir, read_only=True).restore(
-      step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ConfigDict(out.config)
+  return ConfigDict(_restore(manager(workdir, read_only=True), step, {}, ("config",))["config"])
 
 
 def load_params(workdir: str, step: int, abstract_params: Any) -> Any:
-  out = manager(workdir, read_only=True).restore(
-      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-  return out.params
+  return _restore(manager(workdir, read_only=True), step, {"params": abstract_params},
+                  ())["params"]

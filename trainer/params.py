@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -113,10 +114,19 @@ def restore(checkpoint_path: str, overrides: Sequence[str] = ()) -> Restored:
   """A run directory (or one of its checkpoints) to its model; `overrides` are
   `config.KEY=VALUE` strings applied to the saved config (e.g. another mesh,
   or `config.model.scan_layers=true`)."""
-  workdir, step = checkpoint.find(checkpoint_path)
-  saved = checkpoint.load_config(workdir, step)
-  cfg = config_lib.apply_overrides(copy.deepcopy(saved), list(overrides))
-  mesh = sharding.make_mesh(cfg.mesh)
-  graphdef, _, shardings = abstract_model(cfg, mesh)
-  params = load_params(workdir, step, saved, cfg, mesh)
-  return Restored(workdir, step, cfg, mesh, graphdef, params, shardings)
+  workdir, steps = checkpoint.candidates(checkpoint_path)
+  failed: list[checkpoint.CorruptCheckpoint] = []
+  for step in steps:  # a run directory: the newest checkpoint that verifies
+    try:
+      saved = checkpoint.load_config(workdir, step)
+      cfg = config_lib.apply_overrides(copy.deepcopy(saved), list(overrides))
+      mesh = sharding.make_mesh(cfg.mesh)
+      graphdef, _, shardings = abstract_model(cfg, mesh)
+      params = load_params(workdir, step, saved, cfg, mesh)
+    except checkpoint.CorruptCheckpoint as e:
+      failed.append(e)
+      continue
+    for e in failed:
+      print(f"warning: {e}; using step {step}", file=sys.stderr, flush=True)
+    return Restored(workdir, step, cfg, mesh, graphdef, params, shardings)
+  raise failed[0]

@@ -142,13 +142,14 @@ def _start_run(cfg: ConfigDict, workdir: str):
 
 
 def _initial_state(cfg: ConfigDict, mngr, setup: step_lib.Setup, mesh, data_iter):
-  """(step, params, opt_state): the latest checkpoint's, with the data
-  stream's position restored; else `train.init_from`'s parameters; else fresh."""
-  start = mngr.latest_step()
-  if start is not None:
-    params, opt_state = checkpoint.restore_train_state(
-        mngr, start, sharding.with_shardings(setup.abs_params, setup.param_sh),
-        sharding.with_shardings(setup.abs_opt, setup.opt_sh), data_iter)
+  """(step, params, opt_state): the newest checkpoint's that verifies, with
+  the data stream's position restored; else `train.init_from`'s parameters;
+  else fresh."""
+  restored = checkpoint.restore_train_state(
+      mngr, sharding.with_shardings(setup.abs_params, setup.param_sh),
+      sharding.with_shardings(setup.abs_opt, setup.opt_sh), data_iter)
+  if restored is not None:
+    start, params, opt_state = restored
     logging.info("resumed from step %d", start)
     print(f"resuming from the checkpoint at step {start}", flush=True)
     return start, params, opt_state
