@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO, run_capjax, train_tiny
 from tests.test_train import _losses
 
@@ -105,3 +107,40 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_exactly(
     assert "Traceback" not in proc.stdout + proc.stderr
     assert sorted(os.listdir(runs[kind] / "checkpoints")) == ["10", "6", "9", "corrupt-9"]
     assert _losses(runs[kind]) == _losses(trained_run)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1.4 MB tmpfs (room for one checkpoint of the tiny model, not two) and
+  a function that grows it; needs root."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs",
+                                          str(disk)], capture_output=True).returncode:
+    pytest.skip("mounting a tmpfs needs root")
+  yield disk, lambda: subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+  subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_after(
+    prepared, trained_run, small_disk):
+  disk, grow = small_disk
+  run = disk / "run"
+  args = ("--config.train.steps=9", "--config.checkpoint.keep=3")
+  proc = train_tiny(run, prepared, *args, check=False)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "Traceback" not in proc.stdout + proc.stderr
+  assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+      f"capjax train: error: checkpoint of step 6 to {run}/checkpoints failed: no space left "
+      "on device; "), proc.stderr
+  assert "the last complete checkpoint is step 3: run the same command" in proc.stderr
+  assert os.listdir(run / "checkpoints") == ["3"]  # the failed save's folder removed
+  assert "No space left on device" in (run / "logs" / "errors.log").read_text()
+  grow()
+  again = train_tiny(run, prepared, *args)
+  assert "resuming from the checkpoint at step 3" in again.stdout
+  assert sorted(os.listdir(run / "checkpoints"), key=int) == ["3", "6", "9"]
+  rows = [json.loads(l) for l in open(run / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 10))
+  want = _losses(trained_run)
+  assert _losses(run) == {s: want[s] for s in range(1, 10)}

@@ -142,12 +142,61 @@ def save(mngr: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
                                   {"data": data_state, "config": config.to_dict()}))
 
 
+class SaveFailed(OSError):
+  """A checkpoint could not be written (a full disk, an I/O error); its
+  temporary folder is gone and the message says what to do."""
+
+
+def _tmp_folders(mngr: ocp.CheckpointManager) -> list[str]:
+  root = str(mngr.directory)
+  return [os.path.join(root, n) for n in os.listdir(root) if ".orbax-checkpoint-tmp" in n]
+
+
 class Cadence:
   """A training run's saves: every `checkpoint.every_steps` steps and at the
-  last step, each with the data stream's position after that step."""
+  last step, each with the data stream's position after that step. A save
+  that fails (in the background, so seen at the next save or wait) raises
+  SaveFailed."""
 
   def __init__(self, mngr: ocp.CheckpointManager, cfg: ConfigDict, data_iter: Any):
     self._mngr, self._cfg, self._data_iter = mngr, cfg, data_iter
+    self._pending: list[int] = []  # steps saved since the last wait
+    self._nbytes = 0
+
+  def _failed(self, error: BaseException) -> SaveFailed:
+    """Removes the failed save's temporary folder (this run's: it holds the
+    directory) and says what failed, the space, and what is kept."""
+    if jax.process_index() == 0:
+      for path in _tmp_folders(self._mngr):
+        shutil.rmtree(path, ignore_errors=True)
+    logging.getLogger("capjax").error("a checkpoint save failed", exc_info=error)
+    self._mngr.reload()
+    kept = set(self._mngr.all_steps())
+    failed = [s for s in self._pending if s not in kept] or self._pending[-1:]
+    free = shutil.disk_usage(str(self._mngr.directory)).free
+    last = self._mngr.latest_step()
+    keep = (f"the last complete checkpoint is step {last}" if last is not None
+            else "no checkpoint is complete")
+    chain, e = [], error
+    while e is not None:
+      chain.append(str(e))
+      e = e.__cause__
+    why = ("no space left on device" if any("No space left on device" in t or
+                                             "os_error_code='28'" in t for t in chain)
+           else _cause(error))
+    return SaveFailed(
+        f"checkpoint of step {failed[0]} to {self._mngr.directory} failed: {why}; "
+        f"{free / 2**20:,.1f} MiB free there, about {self._nbytes / 2**20:,.1f} MiB needed; "
+        f"{keep}: run the same command to resume once there is room (details: "
+        f"{os.path.join(os.path.dirname(str(self._mngr.directory)), 'logs', 'errors.log')})")
+
+  def _guarded(self, call, *args, **kwargs) -> None:
+    try:
+      call(*args, **kwargs)
+    except SaveFailed:
+      raise
+    except Exception as e:
+      raise self._failed(e) from e
 
   def due(self, step: int) -> bool:
     return step % self._cfg.checkpoint.every_steps == 0 or step == self._cfg.train.steps
@@ -157,7 +206,9 @@ class Cadence:
     position = self._data_iter.get_state()
     if next_batch is not None:
       position = {**position, "next_batch": next_batch}
-    save(self._mngr, step, params, opt_state, position, self._cfg)
+    self._nbytes = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)))
+    self._pending.append(step)
+    self._guarded(save, self._mngr, step, params, opt_state, position, self._cfg)
 
   def save_if_new(self, step: int, params: Any, opt_state: Any,
                   next_batch: int | None = None) -> None:
@@ -168,7 +219,8 @@ class Cadence:
 
   def wait(self) -> None:
     """Until every save in flight is complete."""
-    self._mngr.wait_until_finished()
+    self._guarded(self._mngr.wait_until_finished)
+    self._pending = []
 
 
 def save_params(workdir: str, step: int, params: Any, config: ConfigDict) -> None:

@@ -25,7 +25,7 @@ import jax
 from ml_collections import ConfigDict
 
 from pipeline import loader, mixture, tokenizer as tokenizer_lib, transforms
-from trainer import checkpoint, config as config_lib, sharding, writers
+from trainer import checkpoint, config as config_lib, faults, sharding, writers
 from trainer import flops as flops_lib, params as params_lib, step as step_lib
 from trainer.periodic_eval import EVAL_SCALARS, PeriodicEval
 from trainer.preemption import Preemption
@@ -165,6 +165,7 @@ def _initial_state(cfg: ConfigDict, mngr, setup: step_lib.Setup, mesh, data_iter
 def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to `cfg.train.steps`; returns the last step's metrics."""
   workdir = os.path.abspath(workdir)
+  faults.errors_to_file(workdir)
   source, tokenizer_dir, mesh, setup = _start_run(cfg, workdir)
   data_iter = iter(make_loader(cfg, source, tokenizer_dir))
   mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
