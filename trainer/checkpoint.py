@@ -109,7 +109,7 @@ def verify(where: str, saved: dict | None, arrays: dict[str, Any],
   for item, tree in arrays.items():
     got = array_checksums(tree)
     for path in sorted(set(got) | set(saved.get(item, {}))):
-      if got.get(path) != saved[item].get(path):
+      if got.get(path) != saved.get(item, {}).get(path):
         raise CorruptCheckpoint(f"checkpoint {where}/{item}: array {path} does not match "
                                 "the checksum saved with it")
   for item, value in jsons.items():
