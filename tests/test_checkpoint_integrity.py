@@ -94,7 +94,7 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_exactly(
   assert warnings[0].endswith("; using step 6") and "Traceback" not in proc.stderr
   assert json.loads((runs["bytes"] / "eval_metrics.json").read_text())["step"] == 6
   # A checksum that does not match (a bit flipped where zstd's own check misses it).
-  mismatch = tmp_path / "mismatch"
+  mismatch = runs["mismatch"] = tmp_path / "mismatch"
   shutil.copytree(base, mismatch)
   sums_file = mismatch / "checkpoints" / "9" / "checksums" / "metadata"
   sums = json.loads(sums_file.read_text())
