@@ -5,12 +5,13 @@ folder, `tfds:NAME`, `hf:NAME`, a COCO caption JSON, the Karpathy split JSON,
 a CSV/JSON/JSONL table, WebDataset tar shards or Parquet files. `prepare`
 cuts it into units (an input file, or a range of records), each streamed
 into one output shard by a worker process (by prepare's own process when it
-has one worker), or by Apache Beam's workers (`runner="beam"`): memory stays bounded whatever the data set's size, and a
-prepare that was stopped, run again, writes only the shards it had not
-finished (shards.py). Every image is decoded once, so damaged files are found
-here rather than in the middle of a run; those are skipped, counted and
-reported by reason. Optionally images are shrunk (shorter side N, re-encoded
-as JPEG) so that long runs stop paying full-size decoding every epoch.
+has one worker), or by Apache Beam's workers (`runner="beam"`): memory stays
+bounded whatever the data set's size, and a prepare that was stopped, run
+again, writes only the shards it had not finished (shards.py). Every image
+is decoded once, so damaged files are found here rather than in the middle
+of a run; those are skipped, counted and reported by reason. Optionally
+images are shrunk (shorter side N, re-encoded as JPEG) so that long runs stop
+paying full-size decoding every epoch.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
 from pipeline import atomic
+from trainer import faults
 
 CHECKSUMS = "checksums"
 CORRUPT = "corrupt-"  # checkpoints/corrupt-STEP: set aside, not deleted
@@ -78,8 +79,7 @@ def _digests(leaves: list) -> jax.Array:
 def array_checksums(tree: Any) -> dict[str, str]:
   """{leaf path: checksum} of a tree of (possibly sharded, multi-process) arrays."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  values = np.asarray(_digests([jnp.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
-                                for _, leaf in flat]))
+  values = np.asarray(_digests([jnp.asarray(leaf) for _, leaf in flat]))
   return {_name(path): f"{a:08x}{b:08x}" for (path, _), (a, b) in zip(flat, values.tolist())}
 
 
@@ -107,9 +107,9 @@ def verify(where: str, saved: dict | None, arrays: dict[str, Any],
   if saved is None:
     return
   for item, tree in arrays.items():
-    got = array_checksums(tree)
-    for path in sorted(set(got) | set(saved.get(item, {}))):
-      if got.get(path) != saved.get(item, {}).get(path):
+    got, want = array_checksums(tree), saved.get(item, {})
+    for path in sorted(set(got) | set(want)):
+      if got.get(path) != want.get(path):
         raise CorruptCheckpoint(f"checkpoint {where}/{item}: array {path} does not match "
                                 "the checksum saved with it")
   for item, value in jsons.items():
@@ -177,18 +177,15 @@ class Cadence:
     last = self._mngr.latest_step()
     keep = (f"the last complete checkpoint is step {last}" if last is not None
             else "no checkpoint is complete")
-    chain, e = [], error
-    while e is not None:
-      chain.append(str(e))
-      e = e.__cause__
-    why = ("no space left on device" if any("No space left on device" in t or
-                                             "os_error_code='28'" in t for t in chain)
+    why = ("no space left on device" if any("No space left on device" in str(e) or
+                                             "os_error_code='28'" in str(e)
+                                             for e in _chain(error))
            else _cause(error))
     return SaveFailed(
         f"checkpoint of step {failed[0]} to {self._mngr.directory} failed: {why}; "
         f"{free / 2**20:,.1f} MiB free there, about {self._nbytes / 2**20:,.1f} MiB needed; "
         f"{keep}: run the same command to resume once there is room (details: "
-        f"{os.path.join(os.path.dirname(str(self._mngr.directory)), 'logs', 'errors.log')})")
+        f"{os.path.join(os.path.dirname(str(self._mngr.directory)), faults.LOG)})")
 
   def _guarded(self, call, *args, **kwargs) -> None:
     try:
@@ -231,10 +228,8 @@ def save_params(workdir: str, step: int, params: Any, config: ConfigDict) -> Non
   mngr.close()
 
 
-def step_dir(mngr_or_workdir: Any, step: int) -> str:
-  root = (mngr_or_workdir.directory if isinstance(mngr_or_workdir, ocp.CheckpointManager)
-          else os.path.join(os.path.abspath(mngr_or_workdir), "checkpoints"))
-  return os.path.join(str(root), str(step))
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, arrays: dict[str, Any],
@@ -256,11 +251,17 @@ def _restore(mngr: ocp.CheckpointManager, step: int, arrays: dict[str, Any],
   return items
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+  """The error and those it was raised from, outermost first."""
+  chain = [e]
+  while chain[-1].__cause__ is not None:
+    chain.append(chain[-1].__cause__)
+  return chain
+
+
 def _cause(e: BaseException) -> str:
   """The first line of the innermost error (TensorStore's names the file)."""
-  while e.__cause__ is not None:
-    e = e.__cause__
-  lines = str(e).strip().splitlines()
+  lines = str(_chain(e)[-1]).strip().splitlines()
   return (lines[0] if lines else type(e).__name__)[:400]
 
 
@@ -356,7 +357,6 @@ def save_best(workdir: str, step: int, params: Any, config: ConfigDict, metric: 
               value: float) -> None:
   """The model scoring highest so far on `metric` into WORKDIR/best (with the
   tokenizer, so `eval`, `predict` and `export-hf` take it as they take a run)."""
-  import jax
   best = os.path.join(workdir, BEST)
   mngr = manager(best, keep=1)
   mngr.save(step, args=_save_args({"params": params}, {"config": config.to_dict()}), force=True)
