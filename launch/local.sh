@@ -24,11 +24,21 @@ pids=()
 for ((i = 0; i < n; i++)); do
   (
     export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$m ${XLA_FLAGS:-}"
-    "$python" -m trainer.cli "$@" --coordinator "127.0.0.1:$port" \
-      --num-processes "$n" --process-id "$i" 2>&1 | sed -u "s/^/[$i] /"
+    rc=0
+    # The group's stderr takes bash's own report of a killed job: the line
+    # below says it instead.
+    { "$python" -m trainer.cli "$@" --coordinator "127.0.0.1:$port" \
+        --num-processes "$n" --process-id "$i" 2>&1 | sed -u "s/^/[$i] /"; } 2>/dev/null || rc=$?
+    if ((rc > 128)); then
+      echo "launch/local.sh: process $i was killed by SIG$(kill -l $((rc - 128)))" >&2
+    elif ((rc)); then
+      echo "launch/local.sh: process $i exited with status $rc" >&2
+    fi
+    exit $rc
   ) &
   pids+=($!)
 done
+# Non-zero when any process failed: the last such status.
 status=0
 for pid in "${pids[@]}"; do
   wait "$pid" || status=$?

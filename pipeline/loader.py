@@ -15,9 +15,11 @@ stream's state is the next global batch's number, checkpointed with the run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
+import threading
 import time
 import weakref
 from multiprocessing import shared_memory
@@ -25,6 +27,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from pipeline import shm
 
 # Up to this many records an epoch's order is a numpy permutation held in
 # memory (4 bytes a record), a few microseconds an element; beyond it Grain's
@@ -130,7 +134,7 @@ class ImageRing:
     # Made through Python's SharedMemory so that its resource tracker removes
     # it even if this process is killed; mapped by path, here and in the
     # workers, which must not register it again.
-    self._shm = shared_memory.SharedMemory(create=True, size=size)
+    self._shm = shared_memory.SharedMemory(shm.new_name("ring"), create=True, size=size)
     self._shm.close()
     self.path = os.path.join("/dev/shm", self._shm.name.lstrip("/"))
     try:
@@ -212,6 +216,10 @@ class _IntoRing(grain.transforms.Map):
     return batch
 
 
+def _worker_init(parent: int, started_on_main_thread: bool, index: int, count: int) -> None:
+  shm.die_with_parent(parent, started_on_main_thread)
+
+
 class BatchStream:
   """This process's batches, from global batch `next_batch` on. Its state is
   that one number (the same in every process), so a run restores onto any
@@ -252,7 +260,9 @@ class BatchStream:
     it = grain.experimental.WithOptionsIterDataset(
         it, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
     return iter(it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=self._workers, per_worker_buffer_size=self._prefetch)))
+        num_workers=self._workers, per_worker_buffer_size=self._prefetch),
+        worker_init_fn=functools.partial(_worker_init, os.getpid(),
+                                         threading.current_thread() is threading.main_thread())))
 
   def __iter__(self) -> "BatchStream":
     return self

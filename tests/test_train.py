@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from pipeline import shm
 from tests.conftest import REPO, run_capjax, tiny_train_args, train_tiny as _train
 from tests.test_writers import tensorboard_scalars
 
@@ -92,12 +93,15 @@ def test_eval_and_predict(trained_run, prepared, synthetic_coco, tmp_path):
   assert all(1 <= len(r["token_ids"]) <= 5 for r in beams)
 
 
-def _start(workdir, prepared, *overrides):
-  """`capjax train` in the background, its stdout read line by line."""
+def _start(workdir, prepared, *overrides, own_group=False):
+  """`capjax train` in the background, its stdout read line by line; with
+  `own_group`, in a process group of its own (its workers and resource
+  tracker with it), to be killed whole."""
   return subprocess.Popen(
       [sys.executable, "-m", "trainer.cli",
        *tiny_train_args(workdir, prepared, "--config.train.steps=100000", *overrides)],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=own_group)
 
 
 def _wait_for(proc, text):
@@ -116,15 +120,22 @@ def _params(workdir, step):
 
 
 def test_killed_run_resumes_exactly(prepared, trained_run, tmp_path):
-  """SIGKILL after a checkpoint: the restarted run ends with the parameters
-  and per-step losses of one uninterrupted run, bit for bit."""
-  proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=3")
+  """SIGKILL to the whole run (trainer, 2 workers, resource tracker) after a
+  checkpoint: the restarted run ends with the parameters and per-step losses
+  of one uninterrupted run, bit for bit, and removes what the killed one
+  left in /dev/shm; once it is done, nothing of either is there."""
+  workers = "--config.data.worker_count=2"  # the stream is the same with or without them
+  proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=3", workers, own_group=True)
   _wait_for(proc, "step 8/")  # the save at 6 began, so the one at 3 is complete
-  proc.send_signal(signal.SIGKILL)
+  os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   assert os.listdir(tmp_path / "checkpoints")
-  again = _train(tmp_path, prepared, "--config.train.steps=10")
+  left = shm.leftovers(str(tmp_path))
+  assert left, "the killed run left nothing in /dev/shm: this test shows nothing"
+  again = _train(tmp_path, prepared, "--config.train.steps=10", workers)
   assert "resuming from the checkpoint at step" in again.stdout
+  assert f"removed {len(left)} files that a killed run left in /dev/shm" in again.stdout
+  assert not glob.glob(f"/dev/shm/*{shm.run_tag(str(tmp_path))}*")
   assert _losses(tmp_path) == _losses(trained_run)
   for a, b in zip(_params(tmp_path, 10), _params(trained_run, 10)):
     assert (a == b).all()

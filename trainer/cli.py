@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Sequence
 
+from trainer import peers
+
 # TensorFlow is here only for TensorBoard writers: keep its start-up chatter
 # (and oneDNN's, which it would not use) off the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -187,27 +189,41 @@ def _distributed_flags(s) -> None:
   g.add_argument("--coordinator", help="HOST:PORT of process 0, for jax.distributed")
   g.add_argument("--num-processes", type=int, help="processes in the run")
   g.add_argument("--process-id", type=int, help="this process's index")
+  g.add_argument("--peer-timeout", type=float, default=60.0, metavar="SECONDS",
+                 help="stop when another process of the run has not been heard from for "
+                 "this long, with exit code %d (0: wait for JAX's own abort; default 60)"
+                 % peers.EXIT_CODE)
 
 
-def _init_distributed(args) -> None:
+def _init_distributed(args, workdir: str | None = None) -> None:
+  """Joins the run's other processes; with a `workdir` (training), a fatal
+  error in JAX's runtime is reported in one line (see stderr_guard)."""
   given = [a is not None for a in (args.coordinator, args.num_processes, args.process_id)]
   if args.distributed and any(given):
     raise ValueError("--distributed finds the processes itself: give it without --coordinator, "
                      "--num-processes and --process-id")
+  if not (args.distributed or any(given)):
+    return
+  if not args.distributed and not all(given):
+    raise ValueError("--coordinator, --num-processes and --process-id go together")
+  import jax
+  heartbeat = peers.jax_heartbeat(args.peer_timeout)
   if args.distributed:
-    import jax
-    jax.distributed.initialize()
-  elif any(given):
-    if not all(given):
-      raise ValueError("--coordinator, --num-processes and --process-id go together")
-    import jax
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+  else:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=heartbeat)
+  peers.watch(args.peer_timeout)
+  if workdir is not None and jax.process_count() > 1:
+    from trainer import stderr_guard
+    stderr_guard.start(os.path.abspath(workdir), jax.process_index(), jax.process_count(),
+                       peers.coordinator())
 
 
 def _train(args, overrides) -> int:
   from trainer import config, train
 
-  _init_distributed(args)
+  _init_distributed(args, args.workdir)
   cfg = train.inherit_from_checkpoint(config.load(args.config, overrides), overrides)
   train.train(cfg, args.workdir)
   return 0
@@ -334,7 +350,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (OSError, ValueError, KeyError) as e:
     msg = e.args[0] if e.args else str(e)
     print(f"capjax {args.command}: error: {msg}", file=sys.stderr)
+    _tell_peers(f"{type(e).__name__}: {msg}")
     return 1
+  except BaseException as e:
+    if peers.current() is not None:
+      import traceback
+      traceback.print_exc()
+      _tell_peers(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    raise
+
+
+def _tell_peers(error: str) -> None:
+  """In a multi-process run, a failed process tells the others, which stop
+  too, and leaves at once: JAX's exit would wait for them at its shutdown
+  barrier, which they never reach."""
+  watch = peers.current()
+  if watch is not None:
+    watch.finish(error)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

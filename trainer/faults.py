@@ -1,7 +1,11 @@
-"""Failures in a run's background threads go to a log file in the run
+"""What a run does about failures around it (`guard`, at the start of train).
+
+Failures in a run's background threads go to a log file in the run
 directory (`WORKDIR/logs/errors.log`), not to the console: when a save fails
 (a full disk, say), Orbax's threads, asyncio and TensorStore each report it
-with a traceback, dozens in all, while the run stops with one line of its own."""
+with a traceback, dozens in all, while the run stops with one line of its own.
+What a killed predecessor left in /dev/shm is removed, and a stopped
+multi-process run says which checkpoint it resumes from."""
 
 from __future__ import annotations
 
@@ -10,6 +14,9 @@ import os
 import sys
 import threading
 import traceback
+
+from pipeline import shm
+from trainer import peers
 
 LOG = os.path.join("logs", "errors.log")
 
@@ -53,3 +60,32 @@ def errors_to_file(workdir: str) -> str:
     logger.addHandler(handler)
     logger.propagate = False
   return path
+
+
+def last_checkpoint(workdir: str) -> int | None:
+  """The newest complete checkpoint's step, from the folder names alone (a
+  save in progress has a temporary name until it is complete)."""
+  try:
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
+def guard(workdir: str) -> None:
+  """Background errors to the log (with the resource tracker's reports),
+  this run's leftovers in /dev/shm removed, and the peer watch told where
+  the run resumes from."""
+  errors_to_file(workdir)
+  removed = shm.claim(workdir)
+  shm.start_tracker(os.path.join(workdir, LOG))
+  if removed:
+    print(f"removed {removed} files that a killed run left in /dev/shm", flush=True)
+  watch = peers.current()
+  if watch is not None:
+    def hint() -> str:
+      step = last_checkpoint(workdir)
+      if step is None:
+        return "no checkpoint yet: run the same command to start again"
+      return f"the last checkpoint is step {step}: run the same command to resume from it"
+    watch.resume_hint = hint

@@ -165,7 +165,7 @@ def _initial_state(cfg: ConfigDict, mngr, setup: step_lib.Setup, mesh, data_iter
 def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to `cfg.train.steps`; returns the last step's metrics."""
   workdir = os.path.abspath(workdir)
-  faults.errors_to_file(workdir)
+  faults.guard(workdir)
   source, tokenizer_dir, mesh, setup = _start_run(cfg, workdir)
   data_iter = iter(make_loader(cfg, source, tokenizer_dir))
   mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
