@@ -16,17 +16,15 @@ paying full-size decoding every epoch.
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import queue
-import signal
 import sys
 import time
 import types
 from typing import Any
 
-from pipeline import records, shards, sources
+from pipeline import records, shards, shm, sources
 from pipeline.sources import SourceError  # noqa: F401  (part of this module's surface)
 
 
@@ -164,10 +162,16 @@ class Progress:
 _worker: dict[str, Any] = {}
 
 
-def _init(out_dir: str, count: int, options: shards.Options, reports) -> None:
-  if sys.platform == "linux":  # a worker outlives no killed prepare (its parent, the forkserver)
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _init(out_dir: str, count: int, options: shards.Options, reports, started) -> None:
+  shm.die_with_parent(os.getppid(), True)  # the forkserver, which ends with prepare
   _worker.update(out_dir=out_dir, count=count, options=options, reports=reports)
+  # Watched, as a worker killed midway loses its shard; told at once (a
+  # Queue's put is sent later, by a thread that the kill may forestall).
+  started.put(os.getpid())
+
+
+class WorkerDied(ChildProcessError):
+  """A pool worker ended abruptly (the out-of-memory killer, say)."""
 
 
 def _write(index: int, unit: Any) -> tuple[int, dict]:
@@ -214,6 +218,7 @@ def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Optio
   ctx = multiprocessing.get_context("forkserver")
   ctx.set_forkserver_preload(_preload())  # workers start from a process that has imported them
   reports = ctx.Queue()  # (shard, work, kept, skipped) from the workers; None: one ended
+  started = ctx.SimpleQueue()  # each worker's pid
   failed: list[BaseException] = []
   finished: list[int] = []
 
@@ -223,19 +228,31 @@ def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Optio
 
   try:
     with ctx.Pool(workers, initializer=_init,
-                  initargs=(out_dir, len(units), options, reports)) as pool:
+                  initargs=(out_dir, len(units), options, reports, started)) as pool:
       for i in todo:
         pool.apply_async(_write, (i, units[i]), callback=lambda r: ended(finished, r[0]),
                          error_callback=lambda e: ended(failed, e))
+      pids: set[int] = set()
       while len(finished) < len(todo) and not failed:
         try:
-          report = reports.get(timeout=min(max(progress.every, 0.05), 5.0))
+          report = reports.get(timeout=min(max(progress.every, 0.05), 1.0))
           if report is not None:
             progress.update(*report)
         except queue.Empty:
           pass
         progress.written = len(finished)
         progress.tick()
+        # The pool starts a new worker for a dead one, but the dead one's
+        # shard is never finished: without this it would wait forever.
+        while not started.empty():
+          pids.add(started.get())
+        dead = [p for p in pids if not shm.alive(p)]
+        if dead and len(finished) < len(todo):
+          kept = len(units) - len(todo) + len(finished)
+          failed.append(WorkerDied(
+              f"a worker process (pid {dead[0]}) died midway, most likely killed by the "
+              f"out-of-memory killer; the {kept} shards written are kept: run the same "
+              "command to write the rest (with fewer --workers if memory is short)"))
       if failed:
         pool.terminate()
         raise failed[0]

@@ -178,3 +178,34 @@ def test_workers_do_not_import_the_main_script_again(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert len(log.read_text().split()) == 2  # the script and the forkserver
+
+
+def test_a_killed_worker_stops_prepare_in_one_line(tmp_path):
+  """A pool worker SIGKILLed midway (as the out-of-memory killer does): the
+  pool would wait for its shard forever; prepare stops, says so, and the
+  same command then writes the rest."""
+  table, _ = _noise_table(tmp_path, 240)
+  out = tmp_path / "out"
+  args = ["prepare", str(table), "--workers", "2", "--num-shards", "8", "--out", str(out)]
+  proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    writing = []
+    while not writing and time.monotonic() < deadline and proc.poll() is None:
+      writing = [f for f in os.listdir(out / ".prepare") if ".array_record.tmp-" in f] \
+          if (out / ".prepare").is_dir() else []
+      time.sleep(0.002)
+    assert writing, "no shard was being written"
+    worker = int(writing[0].rsplit(".tmp-", 1)[1])  # a shard's temporary file names its writer
+    os.kill(worker, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 1, err
+  assert err.strip().splitlines()[-1].startswith(
+      f"capjax prepare: error: a worker process (pid {worker}) died midway"), err
+  assert "Traceback" not in err
+  again = run_capjax("prepare", *args[1:])
+  assert "prepare: done, 240 records in 8 shards" in again.stderr
