@@ -47,10 +47,10 @@ def _absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def run_capjax(*args, check=True, env=None, timeout=600, clean_env=None):
+def run_capjax(*args, check=True, env=None, timeout=600, clean_env=None, cwd=REPO):
   """Runs the real `capjax` command in a subprocess; returns the CompletedProcess.
   `env` adds to the environment (`clean_env`, or this process's)."""
-  proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=timeout,
                         env={**(os.environ if clean_env is None else clean_env), **(env or {})})
   if check and proc.returncode != 0:

@@ -35,6 +35,24 @@ def test_bad_input_is_one_line_and_nonzero(args, words):
   assert len(lines) == 1 and words in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("args, words", [
+    (["train", "--config", "demo", "--workdir", "s3://bucket/run"],
+     "--workdir s3://bucket/run: s3:// paths are not supported"),
+    (["prepare", "tests/data/no.json", "--out", "gs://bucket/data"], "--out gs://bucket/data"),
+    (["train", "--config", "demo", "--workdir", "/tmp/x", "--config.data.train=gs://b/train"],
+     "config.data.train gs://b/train: gs://"),
+    (["eval", "--checkpoint", "gs://bucket/run"], "--checkpoint gs://bucket/run"),
+    (["export-hf", "s3://bucket/run", "--out", "/tmp/x"], "checkpoint s3://bucket/run"),
+    (["metrics", "--predictions", "/p.jsonl", "--references", "https://host/refs.json"],
+     "--references https://host/refs.json: https://"),
+])
+def test_a_url_is_refused_not_taken_for_a_local_folder(args, words, tmp_path):
+  proc = run_capjax(*args, check=False, cwd=tmp_path)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and len(lines) == 1 and words in lines[0], proc.stderr
+  assert not list(tmp_path.iterdir())  # no folder named s3: or gs:
+
+
 def test_metrics_scores_prediction_files(tmp_path):
   from trainer.metrics import caption_metrics
 

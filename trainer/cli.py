@@ -342,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer import host_memory
     host_memory.share_one_arena()  # before JAX starts its threads
   try:
+    _refuse_urls(args)
     if args.command == "prepare":
       return _prepare(args)
     commands = {"train": _train, "eval": _eval, "predict": _predict, "metrics": _metrics,
@@ -358,6 +359,22 @@ def main(argv: Sequence[str] | None = None) -> int:
       traceback.print_exc()
       _tell_peers(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     raise
+
+
+# The flags and positionals that name files or folders.
+PATHS = ("source", "out", "images", "data_dir", "workdir", "checkpoint", "output",
+         "predictions", "references", "hf_dir", "encoder", "decoder")
+POSITIONAL = {"source", "images", "hf_dir"}
+
+
+def _refuse_urls(args) -> None:
+  from pipeline import paths
+
+  for dest in PATHS:
+    value = getattr(args, dest, None)
+    if value is not None:
+      positional = dest in POSITIONAL or (dest == "checkpoint" and args.command == "export-hf")
+      paths.refuse_urls(value, dest if positional else "--" + dest.replace("_", "-"))
 
 
 def _tell_peers(error: str) -> None:

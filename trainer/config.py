@@ -79,5 +79,18 @@ def apply_overrides(cfg: ConfigDict, overrides: list[str]) -> ConfigDict:
   return cfg
 
 
+# The config's paths: local ones only (see pipeline/paths.py).
+PATHS = ("data.train", "data.eval", "tokenizer.path", "train.init_from")
+
+
 def load(path: str, overrides: list[str] = ()) -> ConfigDict:
-  return apply_overrides(load_file(path), list(overrides))
+  from pipeline import paths
+
+  cfg = apply_overrides(load_file(path), list(overrides))
+  for key in PATHS:
+    value = cfg
+    for part in key.split("."):
+      value = value.get(part) if isinstance(value, ConfigDict) else None
+    if value:
+      paths.refuse_urls(value, f"config.{key}")
+  return cfg
