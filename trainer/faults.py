@@ -72,20 +72,23 @@ def last_checkpoint(workdir: str) -> int | None:
   return max(steps, default=None)
 
 
+def resume_hint(workdir: str) -> str:
+  """What a stopped run says about starting again."""
+  step = last_checkpoint(workdir)
+  if step is None:
+    return "no checkpoint yet: run the same command to start again"
+  return f"the last checkpoint is step {step}: run the same command to resume from it"
+
+
 def guard(workdir: str) -> None:
   """Background errors to the log (with the resource tracker's reports),
   this run's leftovers in /dev/shm removed, and the peer watch told where
   the run resumes from."""
-  errors_to_file(workdir)
+  log = errors_to_file(workdir)
   removed = shm.claim(workdir)
-  shm.start_tracker(os.path.join(workdir, LOG))
+  shm.start_tracker(log)
   if removed:
     print(f"removed {removed} files that a killed run left in /dev/shm", flush=True)
   watch = peers.current()
   if watch is not None:
-    def hint() -> str:
-      step = last_checkpoint(workdir)
-      if step is None:
-        return "no checkpoint yet: run the same command to start again"
-      return f"the last checkpoint is step {step}: run the same command to resume from it"
-    watch.resume_hint = hint
+    watch.resume_hint = lambda: resume_hint(workdir)

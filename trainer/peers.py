@@ -25,6 +25,7 @@ from typing import Callable
 
 EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure; running again resumes
 KEY = "capjax/peers"
+RESUME = "run the same command to resume"  # until the training loop says its checkpoint
 
 
 def jax_heartbeat(timeout: float) -> int:
@@ -39,8 +40,7 @@ class PeerWatch:
     self.timeout, self.coordinator = timeout, coordinator
     self.interval = max(0.2, min(5.0, timeout / 6))
     self.watched = (index + 1) % count
-    # What to say about resuming; the training loop fills in its checkpoint.
-    self.resume_hint: Callable[[], str] = lambda: "run the same command to resume"
+    self.resume_hint: Callable[[], str] = lambda: RESUME
     self._stop = threading.Event()
     now = time.monotonic()
     self._heard, self._reached, self._last_beat = now, now, None
@@ -107,7 +107,7 @@ class PeerWatch:
     try:
       hint = self.resume_hint() if resumable else "its error says what to mend"
     except Exception:
-      hint = "run the same command to resume"
+      hint = RESUME
     line = f"capjax: {reason}: stopping process {self.index} of {self.count}; {hint}\n"
     os.write(2, line.encode())
     os._exit(EXIT_CODE)

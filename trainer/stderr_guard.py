@@ -61,11 +61,8 @@ def main(argv: list[str]) -> int:
     if log is None and FATAL.match(line):
       os.makedirs(os.path.dirname(log_path), exist_ok=True)
       log = open(log_path, "ab")
-      step = faults.last_checkpoint(workdir)
-      hint = (f"the last checkpoint is step {step}: run the same command to resume from it"
-              if step is not None else "no checkpoint yet: run the same command to start again")
-      console.write(f"capjax: {summary(line, index, count, coordinator)}: stopped; {hint} "
-                    f"(details: {log_path})\n".encode())
+      console.write(f"capjax: {summary(line, index, count, coordinator)}: stopped; "
+                    f"{faults.resume_hint(workdir)} (details: {log_path})\n".encode())
       console.flush()
     if log is not None:
       log.write(line)
