@@ -31,12 +31,18 @@ setup(
         "ml-collections>=1.0,<2",
         "msgpack>=1.0,<2",
         "numpy>=2.0,<3",
+        # run directories in gs:// and s3:// (etils.epath on fsspec)
+        "etils[epath]>=1.7",
+        "fsspec>=2026.1",
+        "gcsfs>=2026.1",
+        "s3fs>=2026.1",
     ],
     extras_require={
         # `capjax prepare --runner beam`: Dataflow, Flink, Spark, or Beam's local runner
         "beam": ["apache-beam>=2.77,<3"],
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pycocoevalcap==1.2", "torch==2.13.0",
-                 "kubernetes>=30,<40", "peft>=0.13,<1", "apache-beam>=2.77,<3"],
+                 "kubernetes>=30,<40", "peft>=0.13,<1", "apache-beam>=2.77,<3",
+                 "moto[server]>=5.2,<6", "gcp-storage-emulator>=2026.7"],
     },
     entry_points={"console_scripts": ["capjax=trainer.cli:main"]},
 )

@@ -25,11 +25,3 @@ def folder(out_dir: str) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes `path` whole: into a temporary file, then renamed over it."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import simplejpeg
 
-from pipeline import atomic, images, records
+from pipeline import fs, images, records
 from pipeline.sources import SourceError, TruncatedInput
 
 WORK = ".prepare"  # plan, per-shard counts and files being written
@@ -102,7 +102,7 @@ def write_shard(out_dir: str, index: int, count: int, unit: Any, options: Option
       os.remove(tmp)
     raise
   counts["skipped"], counts["skipped_examples"] = dict(skipped), dict(examples)
-  atomic.write_text(_counts_path(out_dir, index, count), json.dumps(counts, indent=1))
+  fs.write_text(_counts_path(out_dir, index, count), json.dumps(counts, indent=1))
   if report is not None:
     report(unit.size, counts["records"], sum(skipped.values()))
   return counts
@@ -144,7 +144,7 @@ def start(out_dir: str, the_plan: dict[str, Any], units: Sequence[Any]) -> list[
   elif os.path.exists(out_dir):
     raise SourceError(f"--out {out_dir}: exists and is not a folder")
   os.makedirs(os.path.join(out_dir, WORK), exist_ok=True)
-  atomic.write_text(os.path.join(out_dir, WORK, "plan.json"), json.dumps(the_plan, indent=1))
+  fs.write_text(os.path.join(out_dir, WORK, "plan.json"), json.dumps(the_plan, indent=1))
   for tmp in glob.glob(os.path.join(out_dir, WORK, "*.tmp-*")):  # a killed run's
     os.remove(tmp)
   done = []
@@ -188,5 +188,5 @@ def finish(out_dir: str, the_plan: dict[str, Any]) -> dict[str, Any]:
       "skipped": dict(skipped), "skipped_examples": examples, "truncated": truncated,
       "resize_shorter": the_plan["resize_shorter"], "jpeg_quality": the_plan["jpeg_quality"],
   }
-  atomic.write_text(os.path.join(out_dir, records.MANIFEST), json.dumps(summary, indent=1))
+  fs.write_text(os.path.join(out_dir, records.MANIFEST), json.dumps(summary, indent=1))
   return summary

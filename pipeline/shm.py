@@ -31,7 +31,8 @@ _prefix: str | None = None
 
 def run_tag(workdir: str) -> str:
   """`capjax-RUN`: the prefix of every file a run's processes make here."""
-  return "capjax-" + hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:8]
+  from pipeline import fs
+  return "capjax-" + hashlib.sha256(fs.absolute(workdir).encode()).hexdigest()[:8]
 
 
 def alive(pid: int) -> bool:

@@ -41,6 +41,10 @@ _PLAIN_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def load(path: str):
+  """The tokenizer saved in folder `path` (local, or in a bucket: fetched)."""
+  from pipeline import fs
+  if fs.is_bucket(path):
+    path = fs.fetched(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no tokenizer folder")
   config = os.path.join(path, "tokenizer_config.json")

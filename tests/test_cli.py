@@ -36,13 +36,15 @@ def test_bad_input_is_one_line_and_nonzero(args, words):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["train", "--config", "demo", "--workdir", "s3://bucket/run"],
-     "--workdir s3://bucket/run: s3:// paths are not supported"),
-    (["prepare", "tests/data/no.json", "--out", "gs://bucket/data"], "--out gs://bucket/data"),
+    (["train", "--config", "demo", "--workdir", "hdfs://host/run"],
+     "--workdir hdfs://host/run: hdfs:// paths are not supported: give a local path, "
+     "gs://BUCKET/... or s3://BUCKET/..."),
+    (["prepare", "tests/data/no.json", "--out", "gs://bucket/data"],
+     "--out gs://bucket/data: gs:// paths are not supported here"),
     (["train", "--config", "demo", "--workdir", "/tmp/x", "--config.data.train=gs://b/train"],
      "config.data.train gs://b/train: gs://"),
-    (["eval", "--checkpoint", "gs://bucket/run"], "--checkpoint gs://bucket/run"),
-    (["export-hf", "s3://bucket/run", "--out", "/tmp/x"], "checkpoint s3://bucket/run"),
+    (["eval", "--checkpoint", "http://host/run"], "--checkpoint http://host/run"),
+    (["export-hf", "s3://bucket/run", "--out", "s3://bucket/hf"], "--out s3://bucket/hf"),
     (["metrics", "--predictions", "/p.jsonl", "--references", "https://host/refs.json"],
      "--references https://host/refs.json: https://"),
 ])

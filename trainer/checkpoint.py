@@ -12,6 +12,12 @@ lives (so the same whatever the sharding), and SHA-256 of the JSON items.
 A restore recomputes them; a mismatch, or a checkpoint that cannot be read,
 is a `CorruptCheckpoint`. Resuming, a run sets such a checkpoint aside as
 `checkpoints/corrupt-STEP` and resumes from the newest one that verifies.
+
+A `gs://` run directory is Orbax's own: it writes there through TensorStore's
+GCS driver and marks each complete step with a commit file. Orbax writes
+`s3://` as a local folder, so an s3:// run's checkpoints are saved into the
+process's local stage and each complete one is uploaded, its commit marker
+last (`Mirrored`); a step without the marker is not a checkpoint to anyone.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -31,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
-from pipeline import atomic
+from pipeline import fs
 from trainer import faults
 
 CHECKSUMS = "checksums"
@@ -118,14 +125,110 @@ def verify(where: str, saved: dict | None, arrays: dict[str, Any],
                               "saved with it")
 
 
-def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 2, read_only: bool = False):
+  """The run's CheckpointManager (for an s3:// run, a `Mirrored` one)."""
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, create=not read_only,
       cleanup_tmp_directories=not read_only,  # a killed save's leftovers hold space
       save_interval_steps=0 if read_only else 1,
       enable_async_checkpointing=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  directory = fs.join(fs.absolute(workdir), "checkpoints")
+  if fs.scheme(directory) == "s3":
+    return Mirrored(directory, options, read_only)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+class Mirrored:
+  """An s3:// run's checkpoints, as far as capjax uses a CheckpointManager:
+  Orbax saves each step into a local stage; once complete, its files are
+  uploaded and then `faults.S3_COMMIT`, so a save or upload killed midway
+  leaves a step that no reader lists (and the next writer removes). A
+  restore downloads the step first. Steps older than the oldest Orbax keeps
+  locally are deleted from the bucket, marker first. One process: Orbax
+  needs one folder that every process of a run sees."""
+
+  def __init__(self, directory: str, options: ocp.CheckpointManagerOptions, read_only: bool):
+    if jax.process_count() > 1:
+      raise ValueError(f"{directory}: an s3:// run directory takes one process (Orbax "
+                       "cannot write S3 from several): use gs://, or a folder every host "
+                       "mounts (mountpoint-s3)")
+    self.directory = directory
+    self._read_only = read_only
+    self._stage = fs.Stage(directory)
+    self._local = ocp.CheckpointManager(self._stage.root, options=options)
+    self._uploaded = set(self.all_steps())
+    self._upload: threading.Thread | None = None
+    self._error: BaseException | None = None
+    if not read_only:  # a killed upload's step: never committed, never read
+      for name in fs.listdir(directory):
+        if name.isdigit() and int(name) not in self._uploaded:
+          fs.rmtree(fs.join(directory, name))
+
+  def all_steps(self) -> list[int]:
+    return faults.committed_steps(os.path.dirname(self.directory))
+
+  def latest_step(self) -> int | None:
+    return max(self.all_steps(), default=None)
+
+  def reload(self) -> None:
+    self._local.reload()
+
+  def save(self, step: int, args: Any, force: bool = False) -> bool:
+    """Starts the save; its upload follows in a thread once Orbax is done."""
+    self._join()
+    saved = self._local.save(step, args=args, force=force)
+    self._upload = threading.Thread(target=self._push, name="capjax-s3-upload", daemon=True)
+    self._upload.start()
+    return saved
+
+  def _push(self) -> None:
+    try:
+      self._local.wait_until_finished()
+      for step in [s for s in self._local.all_steps() if s not in self._uploaded]:
+        local = os.path.join(self._stage.root, str(step))
+        remote = fs.join(self.directory, str(step))
+        names = fs.copytree(local, remote)
+        fs.write_text(fs.join(remote, faults.S3_COMMIT), json.dumps({"files": names}) + "\n")
+        self._uploaded.add(step)
+      kept = self._local.all_steps()
+      for step in sorted(self._uploaded):
+        if kept and step < min(kept):
+          fs.remove(fs.join(self.directory, str(step), faults.S3_COMMIT))
+          fs.rmtree(fs.join(self.directory, str(step)))
+          self._uploaded.discard(step)
+    except BaseException as e:  # raised in the thread that waits
+      self._error = e
+
+  def _join(self) -> None:
+    if self._upload is not None:
+      self._upload.join()
+      self._upload = None
+    if self._error is not None:
+      error, self._error = self._error, None
+      raise error
+
+  def wait_until_finished(self) -> None:
+    """Until the local save is complete and every complete step uploaded."""
+    self._join()
+    self._local.wait_until_finished()
+
+  def restore(self, step: int, args: Any) -> Any:
+    if step not in self._local.all_steps():
+      remote = fs.join(self.directory, str(step))
+      fs.copytree(remote, os.path.join(self._stage.root, str(step)), skip=(faults.S3_COMMIT,))
+      self._local.reload()
+    return self._local.restore(step, args=args)
+
+  def set_aside(self, step: int, target: str) -> None:
+    fs.remove(fs.join(self.directory, str(step), faults.S3_COMMIT))
+    fs.copytree(fs.join(self.directory, str(step)), target)
+    fs.rmtree(fs.join(self.directory, str(step)))
+    shutil.rmtree(os.path.join(self._stage.root, str(step)), ignore_errors=True)
+    self._uploaded.discard(step)
+
+  def close(self) -> None:
+    self.wait_until_finished()
+    self._local.close()
 
 
 def _save_args(arrays: dict[str, Any], jsons: dict[str, Any]) -> ocp.args.Composite:
@@ -149,7 +252,7 @@ class SaveFailed(OSError):
 
 def _tmp_folders(mngr: ocp.CheckpointManager) -> list[str]:
   root = str(mngr.directory)
-  return [os.path.join(root, n) for n in os.listdir(root) if ".orbax-checkpoint-tmp" in n]
+  return [fs.join(root, n) for n in fs.listdir(root) if ".orbax-checkpoint-tmp" in n]
 
 
 class Cadence:
@@ -168,12 +271,13 @@ class Cadence:
     directory) and says what failed, the space, and what is kept."""
     if jax.process_index() == 0:
       for path in _tmp_folders(self._mngr):
-        shutil.rmtree(path, ignore_errors=True)
+        fs.rmtree(path)
     logging.getLogger("capjax").error("a checkpoint save failed", exc_info=error)
     self._mngr.reload()
     kept = set(self._mngr.all_steps())
     failed = [s for s in self._pending if s not in kept] or self._pending[-1:]
-    free = shutil.disk_usage(str(self._mngr.directory)).free
+    root = str(self._mngr.directory)
+    free = None if fs.is_bucket(root) else shutil.disk_usage(root).free
     last = self._mngr.latest_step()
     keep = (f"the last complete checkpoint is step {last}" if last is not None
             else "no checkpoint is complete")
@@ -183,9 +287,10 @@ class Cadence:
            else _cause(error))
     return SaveFailed(
         f"checkpoint of step {failed[0]} to {self._mngr.directory} failed: {why}; "
-        f"{free / 2**20:,.1f} MiB free there, about {self._nbytes / 2**20:,.1f} MiB needed; "
+        + (f"{free / 2**20:,.1f} MiB free there, " if free is not None else "")
+        + f"about {self._nbytes / 2**20:,.1f} MiB needed; "
         f"{keep}: run the same command to resume once there is room (details: "
-        f"{os.path.join(os.path.dirname(str(self._mngr.directory)), faults.LOG)})")
+        f"{faults.log_path(os.path.dirname(root))})")
 
   def _guarded(self, call, *args, **kwargs) -> None:
     try:
@@ -229,14 +334,14 @@ def save_params(workdir: str, step: int, params: Any, config: ConfigDict) -> Non
 
 
 def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(mngr.directory), str(step))
+  return fs.join(str(mngr.directory), str(step))
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, arrays: dict[str, Any],
              jsons: tuple[str, ...]) -> dict[str, Any]:
   """The named items of checkpoint `step`, verified against its checksums."""
   where = step_dir(mngr, step)
-  has_sums = os.path.isdir(os.path.join(where, CHECKSUMS))
+  has_sums = fs.isdir(fs.join(where, CHECKSUMS))
   names = jsons + ((CHECKSUMS,) if has_sums else ())
   try:
     out = mngr.restore(step, args=ocp.args.Composite(
@@ -303,13 +408,15 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
   """Moves checkpoint `step` to `checkpoints/corrupt-STEP` (kept for a
   person to look at, out of the way of saves and restores); returns that path."""
   where = step_dir(mngr, step)
-  target = os.path.join(os.path.dirname(where), f"{CORRUPT}{step}")
+  target = fs.join(os.path.dirname(where), f"{CORRUPT}{step}")
   n = 1
-  while os.path.exists(target):
+  while fs.exists(target):
     n += 1
-    target = os.path.join(os.path.dirname(where), f"{CORRUPT}{step}-{n}")
-  if jax.process_index() == 0:
-    os.rename(where, target)
+    target = fs.join(os.path.dirname(where), f"{CORRUPT}{step}-{n}")
+  if isinstance(mngr, Mirrored):
+    mngr.set_aside(step, target)
+  elif jax.process_index() == 0:
+    fs.move(where, target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"set aside {step}")
@@ -357,25 +464,24 @@ def save_best(workdir: str, step: int, params: Any, config: ConfigDict, metric: 
               value: float) -> None:
   """The model scoring highest so far on `metric` into WORKDIR/best (with the
   tokenizer, so `eval`, `predict` and `export-hf` take it as they take a run)."""
-  best = os.path.join(workdir, BEST)
+  best = fs.join(workdir, BEST)
   mngr = manager(best, keep=1)
   mngr.save(step, args=_save_args({"params": params}, {"config": config.to_dict()}), force=True)
   mngr.wait_until_finished()
   mngr.close()
   if jax.process_index() == 0:
-    if not os.path.isdir(os.path.join(best, "tokenizer")):
-      shutil.copytree(os.path.join(workdir, "tokenizer"), os.path.join(best, "tokenizer"))
-    atomic.write_text(os.path.join(best, "best.json"),
+    if not fs.isdir(fs.join(best, "tokenizer")):
+      fs.copytree(fs.join(workdir, "tokenizer"), fs.join(best, "tokenizer"))
+    fs.write_text(fs.join(best, "best.json"),
                       json.dumps({"step": step, "metric": metric, "value": value}) + "\n")
 
 
 def best_value(workdir: str) -> float | None:
   """The score of WORKDIR/best, if any (a resumed run keeps beating it)."""
-  path = os.path.join(workdir, BEST, "best.json")
-  if not os.path.exists(path):
+  path = fs.join(workdir, BEST, "best.json")
+  if not fs.exists(path):
     return None
-  with open(path) as f:
-    return float(json.load(f)["value"])
+  return float(json.loads(fs.read_text(path))["value"])
 
 
 def find(path: str) -> tuple[str, int]:
@@ -388,8 +494,8 @@ def find(path: str) -> tuple[str, int]:
 def candidates(path: str) -> tuple[str, list[int]]:
   """A run directory, its `checkpoints/` folder or one step folder, to (run
   directory, steps to try, newest first): just the one step if one is named."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = fs.absolute(path)
+  if not fs.isdir(path):
     raise FileNotFoundError(f"--checkpoint {path}: no such directory")
   base = os.path.basename(path)
   if base.isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":

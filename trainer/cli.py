@@ -26,7 +26,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:multiprocessing.resource_tracker")
 
 
-CHECKPOINT_HELP = "run directory (its latest checkpoint) or one checkpoint step folder"
+CHECKPOINT_HELP = ("run directory (its latest checkpoint) or one checkpoint step folder; "
+                   "local, gs:// or s3://")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                      "WORKDIR/metrics.jsonl and TensorBoard. Override config keys with "
                      "--config.KEY=VALUE.")
   s.add_argument("--config", required=True, help="config file, or a name from configs/")
-  s.add_argument("--workdir", required=True, help="run directory")
+  s.add_argument("--workdir", required=True, help="run directory: local, gs://BUCKET/PATH or "
+                 "s3://BUCKET/PATH (see the README's table)")
   _distributed_flags(s)
 
   s = sub.add_parser("eval", help="caption a split and score BLEU, ROUGE-L, CIDEr-D",
@@ -105,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                  help=CHECKPOINT_HELP)
   s.add_argument("--split", help="source to evaluate, as `prepare` takes it (default: the "
                  "config's data.eval, with data.eval_split)")
-  s.add_argument("--out", help="folder for the outputs (default: the run directory)")
+  s.add_argument("--out", help="folder for the outputs, local or in a bucket (default: the run "
+                 "directory)")
   _distributed_flags(s)
 
   s = sub.add_parser("predict", help="caption image files, to JSONL",
@@ -113,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("images", nargs="+", help="image files")
   s.add_argument("--checkpoint", required=True,
                  help=CHECKPOINT_HELP)
-  s.add_argument("--output", required=True, help="JSONL file to write")
+  s.add_argument("--output", required=True, help="JSONL file to write (local, gs:// or s3://)")
   s.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
   s.add_argument("--num-beams", type=int, help="beam search width (default: the config's "
                  "eval.num_beams; 1 is greedy)")
@@ -137,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
                  "pycocoevalcap's Java jar)")
   s.add_argument("--rouge-score", action="store_true", help="also ROUGE-1, ROUGE-2 and "
                  "ROUGE-Lsum x100 through rouge_score, as the old Flax script reported them")
-  s.add_argument("--out", help="also write the JSON object to this file")
+  s.add_argument("--out", help="also write the JSON object to this file (local, gs:// or s3://)")
 
   s = sub.add_parser("import-hf", help="a Hugging Face ViT + GPT-2 checkpoint to a capjax run directory",
                      description="Reads a VisionEncoderDecoderModel folder (HF_DIR), or a ViT "
@@ -215,8 +218,9 @@ def _init_distributed(args, workdir: str | None = None) -> None:
                                heartbeat_timeout_seconds=heartbeat)
   peers.watch(args.peer_timeout)
   if workdir is not None and jax.process_count() > 1:
+    from pipeline import fs
     from trainer import stderr_guard
-    stderr_guard.start(os.path.abspath(workdir), jax.process_index(), jax.process_count(),
+    stderr_guard.start(fs.absolute(workdir), jax.process_index(), jax.process_count(),
                        peers.coordinator())
 
 
@@ -253,7 +257,7 @@ def _eval(args, overrides) -> int:
 
 
 def _predict(args, overrides) -> int:
-  from pipeline import atomic
+  from pipeline import fs
   from trainer.inference import TrainedCaptioner
 
   for path in args.images:
@@ -279,13 +283,13 @@ def _predict(args, overrides) -> int:
     for caption, row in zip(captions, ids.tolist()):
       row = row[:row.index(model.eos) + 1] if model.eos in row else row
       lines.append(json.dumps({"image": next(paths), "caption": caption, "token_ids": row}))
-  atomic.write_text(args.output, "".join(l + "\n" for l in lines))
+  fs.write_text(args.output, "".join(l + "\n" for l in lines))
   print(f"wrote {len(lines)} captions to {args.output}")
   return 0
 
 
 def _metrics(args, overrides) -> int:
-  from pipeline import atomic
+  from pipeline import fs
   from trainer.metrics import score_files
 
   if overrides:
@@ -294,7 +298,7 @@ def _metrics(args, overrides) -> int:
                                    args.rouge_score)
   text = json.dumps(scores)
   if args.out:
-    atomic.write_text(args.out, text + "\n")
+    fs.write_text(args.out, text + "\n")
   print(text)
   return 0
 
@@ -365,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 PATHS = ("source", "out", "images", "data_dir", "workdir", "checkpoint", "output",
          "predictions", "references", "hf_dir", "encoder", "decoder")
 POSITIONAL = {"source", "images", "hf_dir"}
+# Those that may name a bucket (gs://, s3://): run directories and outputs.
+BUCKET_PATHS = {("train", "workdir"), ("eval", "checkpoint"), ("eval", "out"),
+                ("predict", "checkpoint"), ("predict", "output"), ("export-hf", "checkpoint"),
+                ("metrics", "out")}
 
 
 def _refuse_urls(args) -> None:
@@ -374,7 +382,8 @@ def _refuse_urls(args) -> None:
     value = getattr(args, dest, None)
     if value is not None:
       positional = dest in POSITIONAL or (dest == "checkpoint" and args.command == "export-hf")
-      paths.refuse_urls(value, dest if positional else "--" + dest.replace("_", "-"))
+      paths.refuse_urls(value, dest if positional else "--" + dest.replace("_", "-"),
+                        buckets=(args.command, dest) in BUCKET_PATHS)
 
 
 def _tell_peers(error: str) -> None:

@@ -92,5 +92,5 @@ def load(path: str, overrides: list[str] = ()) -> ConfigDict:
     for part in key.split("."):
       value = value.get(part) if isinstance(value, ConfigDict) else None
     if value:
-      paths.refuse_urls(value, f"config.{key}")
+      paths.refuse_urls(value, f"config.{key}", buckets=key == "train.init_from")
   return cfg

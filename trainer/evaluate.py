@@ -12,7 +12,6 @@ import collections
 import html
 import json
 import logging
-import os
 import time
 from typing import Any, Sequence
 
@@ -20,7 +19,7 @@ import cv2
 import jax
 import numpy as np
 
-from pipeline import atomic, images, mixture, prepare, synthetic, transforms
+from pipeline import fs, images, mixture, prepare, synthetic, transforms
 from trainer import generate, sharding
 from trainer.metrics import caption_metrics
 from trainer.inference import TrainedCaptioner
@@ -132,17 +131,17 @@ def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int
   metrics.update(step=model.step, images=len(texts), skipped_records=len(skipped),
                  processes=jax.process_count(), seconds=round(seconds, 2),
                  split=split or cfg.data.eval)
-  os.makedirs(out_dir, exist_ok=True)
+  fs.makedirs(out_dir)
   rows = []
   for i, (record_id, captions) in enumerate(meta):
     row = {"id": record_id, "caption": preds.get(i), "references": captions}
     if i in skipped:
       row["skipped"] = skipped[i]
     rows.append(json.dumps(row) + "\n")
-  atomic.write_text(os.path.join(out_dir, "eval_predictions.jsonl"), "".join(rows))
-  atomic.write_text(os.path.join(out_dir, "eval_metrics.json"), json.dumps(metrics, indent=1) + "\n")
+  fs.write_text(fs.join(out_dir, "eval_predictions.jsonl"), "".join(rows))
+  fs.write_text(fs.join(out_dir, "eval_metrics.json"), json.dumps(metrics, indent=1) + "\n")
   shown = order[:HTML_SAMPLES]
-  atomic.write_text(os.path.join(out_dir, "samples.html"),
+  fs.write_text(fs.join(out_dir, "samples.html"),
                     samples_html(source, shown, preds, meta, metrics))
   metrics["samples"] = [{"id": meta[i][0], "caption": preds[i], "references": meta[i][1]}
                         for i in order[:cfg.eval.num_samples]]

@@ -15,10 +15,18 @@ import sys
 import threading
 import traceback
 
-from pipeline import shm
+from pipeline import fs, shm
 from trainer import peers
 
 LOG = os.path.join("logs", "errors.log")
+S3_COMMIT = "capjax-commit.json"  # an s3:// step's marker, uploaded after its files
+GCS_COMMIT = "commit_success.txt"  # Orbax's, written last into a gs:// step
+
+
+def log_path(workdir: str) -> str:
+  """The run's error log: on this machine, also for a bucket run (in its
+  `fs.local_twin`), so that a write to it never waits on the network."""
+  return os.path.join(fs.local_twin(fs.absolute(workdir)), LOG)
 
 
 class _File:
@@ -40,7 +48,7 @@ class _File:
 def errors_to_file(workdir: str) -> str:
   """Sends background tracebacks and the loggers of absl (Orbax), asyncio
   and capjax to `WORKDIR/logs/errors.log`; returns its path."""
-  path = os.path.join(workdir, LOG)
+  path = log_path(workdir)
   log = _File(path)
 
   def unraisable(u) -> None:
@@ -62,14 +70,23 @@ def errors_to_file(workdir: str) -> str:
   return path
 
 
+def committed_steps(workdir: str) -> list[int]:
+  """The complete checkpoints' steps, from the folder names alone: locally a
+  save in progress has a temporary name until it is complete; in a bucket,
+  a step is complete once its commit marker is there."""
+  root = fs.join(workdir, "checkpoints")
+  names = [n for n in fs.listdir(root) if n.isdigit()]
+  marker = {"gs": GCS_COMMIT, "s3": S3_COMMIT}.get(fs.scheme(root))
+  if marker is not None:
+    names = [n for n in names if fs.exists(fs.join(root, n, marker))]
+  return sorted(int(n) for n in names)
+
+
 def last_checkpoint(workdir: str) -> int | None:
-  """The newest complete checkpoint's step, from the folder names alone (a
-  save in progress has a temporary name until it is complete)."""
   try:
-    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    return max(committed_steps(workdir), default=None)
   except OSError:
     return None
-  return max(steps, default=None)
 
 
 def resume_hint(workdir: str) -> str:

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
   workdir, index, count, coordinator = argv[0], int(argv[1]), int(argv[2]), argv[3]
   for s in (signal.SIGINT, signal.SIGTERM):
     signal.signal(s, signal.SIG_IGN)
-  log_path = os.path.join(workdir, faults.LOG)
+  log_path = faults.log_path(workdir)
   console, log = sys.stderr.buffer, None
   for line in sys.stdin.buffer:
     if log is None and FATAL.match(line):

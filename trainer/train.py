@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
-from pipeline import loader, mixture, tokenizer as tokenizer_lib, transforms
+from pipeline import fs, loader, mixture, tokenizer as tokenizer_lib, transforms
 from trainer import checkpoint, config as config_lib, faults, sharding, writers
 from trainer import flops as flops_lib, params as params_lib, step as step_lib
 from trainer.periodic_eval import EVAL_SCALARS, PeriodicEval
@@ -32,11 +32,12 @@ from trainer.preemption import Preemption
 from trainer.step_log import NonFiniteStep, StepLog
 
 
-def prepare_tokenizer(cfg: ConfigDict, workdir: str):
+def prepare_tokenizer(cfg: ConfigDict, stage: fs.Stage):
   """The run's tokenizer, saved in `WORKDIR/tokenizer`; fills the decoder's
-  vocabulary size and special ids into the config."""
-  path = os.path.join(workdir, "tokenizer")
-  if not os.path.isdir(path):
+  vocabulary size and special ids into the config. Returns it and its local
+  folder (in the stage of a bucket run)."""
+  path = stage.local("tokenizer")
+  if not fs.isdir(fs.join(stage.workdir, "tokenizer")):
     if cfg.tokenizer.path:
       tok = tokenizer_lib.load(cfg.tokenizer.path)
       if jax.process_index() == 0:
@@ -45,9 +46,13 @@ def prepare_tokenizer(cfg: ConfigDict, workdir: str):
       captions = (c for _, caps in mixture.ids_and_captions(mixture.open_train(cfg.data))
                   for c in caps)
       tokenizer_lib.train_bpe(captions, cfg.tokenizer.vocab_size, path)
+    if jax.process_index() == 0:
+      stage.push("tokenizer")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("tokenizer")
+  if not os.path.isdir(path):
+    stage.pull("tokenizer")
   tok = tokenizer_lib.load(path)
   dec = cfg.model.decoder
   if dec.vocab_size == 0:
@@ -71,7 +76,7 @@ def inherit_from_checkpoint(cfg: ConfigDict, overrides: list[str]) -> ConfigDict
   cfg.model.image_std = tuple(saved.model.image_std)
   for key in ("image_size", "resize", "resample"):
     cfg.data[key] = saved.data[key]
-  cfg.tokenizer.path = os.path.join(workdir, "tokenizer")
+  cfg.tokenizer.path = fs.join(workdir, "tokenizer")
   return config_lib.apply_overrides(cfg, overrides)
 
 
@@ -114,10 +119,10 @@ def resolve_steps(cfg: ConfigDict, num_records: int) -> None:
     raise ValueError(f"config.train.steps={cfg.train.steps}: set steps or epochs above 0")
 
 
-def _start_run(cfg: ConfigDict, workdir: str):
+def _start_run(cfg: ConfigDict, stage: fs.Stage):
   """Checks the config and opens what the run reads: the training records,
   the tokenizer, the mesh and the compiled setup."""
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(stage.workdir)
   # Saved with the checkpoint: absolute, so eval works from any directory.
   cfg.data.train = mixture.absolute(cfg.data.train)
   if ":" not in cfg.data.eval:  # tfds:NAME and hf:FOLDER name no local path
@@ -132,7 +137,7 @@ def _start_run(cfg: ConfigDict, workdir: str):
     if isinstance(source, mixture.Mixture):
       print("mixture: " + ", ".join(f"{n} {len(s)} records x {w:.3g}" for n, s, w in
                                     zip(source.names, source.sources, source.weights)), flush=True)
-  _, tokenizer_dir = prepare_tokenizer(cfg, workdir)
+  _, tokenizer_dir = prepare_tokenizer(cfg, stage)
   mesh = sharding.make_mesh(cfg.mesh)
   if jax.process_index() == 0:
     shape = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
@@ -164,18 +169,18 @@ def _initial_state(cfg: ConfigDict, mngr, setup: step_lib.Setup, mesh, data_iter
 
 def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to `cfg.train.steps`; returns the last step's metrics."""
-  workdir = os.path.abspath(workdir)
+  workdir = fs.absolute(workdir)
   faults.guard(workdir)
-  source, tokenizer_dir, mesh, setup = _start_run(cfg, workdir)
+  stage = fs.Stage(workdir)
+  source, tokenizer_dir, mesh, setup = _start_run(cfg, stage)
   data_iter = iter(make_loader(cfg, source, tokenizer_dir))
   mngr = checkpoint.manager(workdir, keep=cfg.checkpoint.keep)
   start, params, opt_state = _initial_state(cfg, mngr, setup, mesh, data_iter)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(cfg.to_dict(), f, indent=1)
+    fs.write_text(fs.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
 
   run_step = step_lib.StepRunner(setup, cfg, mesh, start)
-  writer = writers.create_writer(workdir, start)
+  writer = writers.create_writer(workdir, start, stage)
   log = StepLog(cfg, writer, start, lambda: run_step.flops,
                 flops_lib.peak_flops(jax.devices()[0].device_kind, cfg.train.peak_flops),
                 samples=_samples_drawn(cfg, source))

@@ -4,6 +4,10 @@ one JSON object per line with `step` and the scalars of that step.
 Only process 0 writes; the others get a writer that does nothing. A resumed
 run first drops what the interrupted one logged past its checkpoint, from
 both, so every reader sees each step once.
+
+For a run directory in a bucket both are written in the process's local
+stage and uploaded whole at each flush (the train loop flushes with each
+checkpoint and at the end); TensorBoard reads them from the bucket.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from pipeline import atomic
+from pipeline import fs
 
 
 def _plain(v: Any) -> float:
@@ -65,10 +69,10 @@ def trim_events(folder: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def create_writer(workdir: str, resume_step: int = 0):
+def create_writer(workdir: str, resume_step: int = 0, stage: fs.Stage | None = None):
   """A CLU MultiWriter: TensorBoard summaries and metrics.jsonl (process 0).
   Neither keeps anything past `resume_step`: a run killed after its last
-  checkpoint logs those steps again."""
+  checkpoint logs those steps again. `stage`: the run's (one is made)."""
   from clu import metric_writers  # imports TensorFlow: keep it off import paths
 
   class JsonlWriter(metric_writers.MetricWriter):
@@ -77,7 +81,7 @@ def create_writer(workdir: str, resume_step: int = 0):
       if os.path.exists(path):  # rows past the checkpoint resumed from are retrained
         with open(path) as f:
           kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-        atomic.write_text(path, "".join(kept))
+        fs.write_text(path, "".join(kept))
       self._file = open(path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -111,11 +115,33 @@ def create_writer(workdir: str, resume_step: int = 0):
     def close(self):
       self._file.close()
 
+  class Uploads(JsonlWriter):
+    """Last of the writers: after the others have flushed, their files to the bucket."""
+
+    def __init__(self):
+      pass
+
+    def write_scalars(self, step, scalars):
+      pass
+
+    def flush(self):
+      for rel in OUTPUTS:
+        stage.push(rel)
+
+    def close(self):
+      self.flush()
+
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
-  os.makedirs(workdir, exist_ok=True)
-  trim_events(os.path.join(workdir, "tensorboard"), resume_step)
-  return metric_writers.MultiWriter([
-      metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl"), resume_step),
-  ])
+  stage = stage or fs.Stage(workdir)
+  fs.makedirs(workdir)
+  tensorboard, jsonl = (stage.pull(rel) for rel in OUTPUTS)
+  trim_events(tensorboard, resume_step)
+  writers = [metric_writers.SummaryWriter(tensorboard), JsonlWriter(jsonl, resume_step)]
+  if stage.remote:
+    writers.append(Uploads())
+    writers[-1].flush()  # the trimmed files replace the interrupted run's
+  return metric_writers.MultiWriter(writers)
+
+
+OUTPUTS = ("tensorboard", "metrics.jsonl")  # WORKDIR-relative
