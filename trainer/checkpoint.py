@@ -153,7 +153,6 @@ class Mirrored:
                        "cannot write S3 from several): use gs://, or a folder every host "
                        "mounts (mountpoint-s3)")
     self.directory = directory
-    self._read_only = read_only
     self._stage = fs.Stage(directory)
     self._local = ocp.CheckpointManager(self._stage.root, options=options)
     self._uploaded = set(self.all_steps())
