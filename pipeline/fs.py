@@ -229,6 +229,17 @@ def _process_dir(parent: str) -> str:
   return root
 
 
+def _download(remote: str, local: str) -> bool:
+  """A file or a folder from the bucket to `local`; False if there is none."""
+  if isfile(remote):
+    copy(remote, local)
+  elif isdir(remote):
+    copytree(remote, local)
+  else:
+    return False
+  return True
+
+
 class Stage:
   """Local copies of a bucket run directory's files for this process
   (`WORKDIR`-relative paths): `pull` downloads, `push` uploads whole. For a
@@ -251,11 +262,7 @@ class Stage:
     """Downloads `rel` (a file or a folder) if the bucket has it; its local path."""
     local = self.local(rel)
     if self.remote:
-      remote = join(self.workdir, rel)
-      if isfile(remote):
-        copy(remote, local)
-      elif isdir(remote):
-        copytree(remote, local)
+      _download(join(self.workdir, rel), local)
     return local
 
   def push(self, rel: str) -> None:
@@ -281,11 +288,6 @@ def fetched(path: str) -> str:
   if _scratch is None:
     _scratch = _process_dir(os.path.join(cache_root(), "scratch"))
   local = os.path.join(_scratch, re.sub(r"[^A-Za-z0-9._-]+", "-", absolute(path)))
-  if not os.path.exists(local):
-    if isdir(path):
-      copytree(path, local)
-    elif isfile(path):
-      copy(path, local)
-    else:
-      raise FileNotFoundError(f"{path}: no such file or folder")
+  if not os.path.exists(local) and not _download(path, local):
+    raise FileNotFoundError(f"{path}: no such file or folder")
   return local

@@ -220,8 +220,7 @@ class Mirrored:
 
   def set_aside(self, step: int, target: str) -> None:
     fs.remove(fs.join(self.directory, str(step), faults.S3_COMMIT))
-    fs.copytree(fs.join(self.directory, str(step)), target)
-    fs.rmtree(fs.join(self.directory, str(step)))
+    fs.move(fs.join(self.directory, str(step)), target)
     shutil.rmtree(os.path.join(self._stage.root, str(step)), ignore_errors=True)
     self._uploaded.discard(step)
 
@@ -472,7 +471,7 @@ def save_best(workdir: str, step: int, params: Any, config: ConfigDict, metric: 
     if not fs.isdir(fs.join(best, "tokenizer")):
       fs.copytree(fs.join(workdir, "tokenizer"), fs.join(best, "tokenizer"))
     fs.write_text(fs.join(best, "best.json"),
-                      json.dumps({"step": step, "metric": metric, "value": value}) + "\n")
+                  json.dumps({"step": step, "metric": metric, "value": value}) + "\n")
 
 
 def best_value(workdir: str) -> float | None:

@@ -142,7 +142,7 @@ def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int
   fs.write_text(fs.join(out_dir, "eval_metrics.json"), json.dumps(metrics, indent=1) + "\n")
   shown = order[:HTML_SAMPLES]
   fs.write_text(fs.join(out_dir, "samples.html"),
-                    samples_html(source, shown, preds, meta, metrics))
+                samples_html(source, shown, preds, meta, metrics))
   metrics["samples"] = [{"id": meta[i][0], "caption": preds[i], "references": meta[i][1]}
                         for i in order[:cfg.eval.num_samples]]
   return metrics
