@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import Iterator
 
@@ -96,6 +98,16 @@ def listdir(path: str) -> list[str]:
   return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
 
+def version(path: str) -> tuple[int, str]:
+  """(size in bytes, a key that changes when the object is rewritten with
+  other content: from its ETag or generation) of a bucket file."""
+  import fsspec
+  _epath(path)  # the clients configured
+  filesystem, name = fsspec.core.url_to_fs(path)
+  info = filesystem.info(name)
+  return int(info["size"]), filesystem.ukey(name)
+
+
 def makedirs(path: str) -> None:
   if not is_bucket(path):  # a bucket's folders are the prefixes of its objects
     os.makedirs(path, exist_ok=True)
@@ -158,8 +170,9 @@ def _walk(path: str) -> Iterator[str]:
 
 
 def files(path: str) -> list[str]:
-  """Every file under the folder `path`, relative to it, sorted."""
-  return sorted(_walk(path))
+  """Every file under the folder `path`, relative to it, sorted; [] when
+  there is none."""
+  return sorted(_walk(path)) if isdir(path) else []
 
 
 def _open(path: str, mode: str):
@@ -186,6 +199,20 @@ def copytree(src: str, dst: str, skip: tuple[str, ...] = ()) -> list[str]:
   return names
 
 
+def publish(local: str, remote: str, last: tuple[str, ...]) -> None:
+  """The local folder `local` over the bucket folder `remote`, never seen as
+  a whole mixing old and new files by a reader that opens a file of `last`
+  first (a model's config.json): those are removed first and uploaded last,
+  and files `remote` has and `local` lacks go before them."""
+  names = files(local)
+  for name in last:
+    remove(join(remote, name))
+  for name in sorted(set(files(remote)) - set(names)):
+    remove(join(remote, name))
+  for name in [n for n in names if n not in last] + [n for n in names if n in last]:
+    copy(os.path.join(local, name), join(remote, name))
+
+
 def move(src: str, dst: str) -> None:
   """A folder to a new name: a rename locally; in a bucket a copy, then
   the original removed."""
@@ -204,15 +231,21 @@ def cache_root() -> str:
                                                      "capjax"))
 
 
-def local_twin(path: str) -> str:
-  """A bucket run directory's folder on this machine, kept across runs (its
-  logs, and the stages of the processes using it); a local path itself."""
+def _slug(text: str) -> str:
+  """`text` as one file name."""
+  return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
+def local_twin(path: str, kind: str = "runs") -> str:
+  """A bucket folder's folder on this machine, kept across runs (a run
+  directory's logs and the stages of the processes using it; with kind
+  "data", a dataset's copy); a local path itself."""
   if not is_bucket(path):
     return path
   path = absolute(path)
-  name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.split("://", 1)[1])[-60:].strip("-")
+  name = _slug(path.split("://", 1)[1])[-60:].strip("-")
   digest = hashlib.sha256(path.encode()).hexdigest()[:8]
-  return os.path.join(cache_root(), "runs", f"{scheme(path)}-{name}-{digest}")
+  return os.path.join(cache_root(), kind, f"{scheme(path)}-{name}-{digest}")
 
 
 def _process_dir(parent: str) -> str:
@@ -276,18 +309,77 @@ class Stage:
       copy(local, join(self.workdir, rel))
 
 
-_scratch: str | None = None
+_scratch: tuple[int, str] | None = None
+
+
+def scratch() -> str:
+  """This process's local scratch folder, removed at exit."""
+  global _scratch
+  if _scratch is None or _scratch[0] != os.getpid():  # not a forked parent's
+    _scratch = os.getpid(), _process_dir(os.path.join(cache_root(), "scratch"))
+  return _scratch[1]
 
 
 def fetched(path: str) -> str:
   """A local copy of a bucket file or folder (downloaded once per process,
-  into a stage removed at exit); a local path itself."""
-  global _scratch
+  into its scratch folder); a local path itself."""
   if not is_bucket(path):
     return path
-  if _scratch is None:
-    _scratch = _process_dir(os.path.join(cache_root(), "scratch"))
-  local = os.path.join(_scratch, re.sub(r"[^A-Za-z0-9._-]+", "-", absolute(path)))
+  local = os.path.join(scratch(), _slug(absolute(path)))
   if not os.path.exists(local) and not _download(path, local):
     raise FileNotFoundError(f"{path}: no such file or folder")
+  return local
+
+
+# -- a bounded local cache of bucket data -------------------------------------
+
+_INDEX = "capjax-cache.json"  # {name: [size, version key]} of the objects copied
+_SPARE = 1 << 30  # left free on the cache's disk
+
+
+def cached(folder: str, names: list[str], what: str) -> str:
+  """A local folder holding the files `names` of the bucket folder `folder`,
+  kept in the cache across runs (`CAPJAX_CACHE`, one copy per folder): only
+  files rewritten in the bucket since are downloaded again. When
+  they would not fit on the cache's disk, an OSError naming `what` and the
+  sizes, before anything is downloaded."""
+  from concurrent import futures
+
+  local = local_twin(folder, "data")
+  os.makedirs(local, exist_ok=True)
+  index_path = os.path.join(local, _INDEX)
+  try:
+    with open(index_path) as f:
+      index = json.load(f)
+  except (OSError, ValueError):
+    index = {}
+  with futures.ThreadPoolExecutor(16) as pool:
+    stats = dict(zip(names, pool.map(lambda n: list(version(join(folder, n))), names)))
+    todo = [n for n in names if index.get(n) != stats[n]
+            or not os.path.isfile(os.path.join(local, n))
+            or os.path.getsize(os.path.join(local, n)) != stats[n][0]]
+    need = sum(stats[n][0] for n in todo)
+    free = shutil.disk_usage(local).free
+    if todo and need + _SPARE > free:
+      raise OSError(f"{what} {folder}: {need / 2**30:.1f} GiB to copy into {local}, "
+                    f"{free / 2**30:.1f} GiB free there: set CAPJAX_CACHE to a larger disk, "
+                    "or mount the bucket (mountpoint-s3) and give its local path")
+    if todo:
+      print(f"{what}: copying {len(todo)} files ({need / 2**20:,.0f} MiB) of {folder} into "
+            f"{local}", file=sys.stderr, flush=True)
+
+    def one(name: str) -> None:
+      tmp = os.path.join(local, f"{name}.tmp-{os.getpid()}")
+      try:
+        copy(join(folder, name), tmp)
+        os.replace(tmp, os.path.join(local, name))
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+
+    list(pool.map(one, todo))
+  for name in set(os.listdir(local)) - set(names) - {_INDEX}:  # files the folder dropped
+    if ".tmp-" not in name:
+      os.remove(os.path.join(local, name))
+  write_text(index_path, json.dumps({n: stats[n] for n in names}))
   return local

@@ -24,7 +24,7 @@ import time
 import types
 from typing import Any
 
-from pipeline import records, shards, shm, sources
+from pipeline import fs, records, shards, shm, sources
 from pipeline.sources import SourceError  # noqa: F401  (part of this module's surface)
 
 
@@ -53,7 +53,7 @@ def open_source(spec: str, images: str | None = None, split: str | None = None,
                 id_column: str | None = None):
   """The source `spec` names:
 
-  - a folder written by `capjax prepare`;
+  - a folder written by `capjax prepare` (local, `gs://` or `s3://`);
   - WebDataset tar shards (img2dataset's layout): a folder of them, a glob or
     a brace pattern (`cc3m/{00000..00331}.tar`); `caption_column` a field of
     each sample's .json (default: its .txt);
@@ -73,6 +73,8 @@ def open_source(spec: str, images: str | None = None, split: str | None = None,
   if spec.startswith("hf:"):
     return sources.HFDatasetSource(spec[3:], split, image_column or "image",
                                    caption_column or "caption")
+  if fs.is_bucket(spec):  # of what prepare writes, only its folders are read from buckets
+    return records.PreparedSource(spec)
   if os.path.isdir(spec) and (os.path.exists(os.path.join(spec, records.MANIFEST))
                               or os.path.isdir(os.path.join(spec, shards.WORK))):
     return records.PreparedSource(spec)
@@ -285,7 +287,7 @@ def prepare(source, out_dir: str, num_shards: int | None = None, workers: int | 
   units = sources.units(source, num_shards)
   if not units:
     raise SourceError(f"{source!r}: no records")
-  out_dir = os.path.abspath(out_dir)
+  out_dir = fs.absolute(out_dir)
   options = shards.Options(resize_shorter, jpeg_quality)
   plan = shards.plan(source, units, options)
   done = shards.start(out_dir, plan, units)

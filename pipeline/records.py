@@ -3,18 +3,21 @@
 A record is `{"id": str, "image": bytes, "captions": [str, ...]}`: one image
 with all of its captions, the image's encoded bytes as they were on disk.
 A prepared folder holds `data-XXXXX-of-YYYYY.array_record` shards and a
-`manifest.json` with the counts `prepare` reported.
+`manifest.json` with the counts `prepare` reported, written last: a folder
+without it is never read. It may be in a bucket: ArrayRecord reads `gs://`
+itself (ranged reads, through google-cloud-cpp); an `s3://` folder, which it
+cannot read, is copied into a local cache first (`fs.cached`).
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Any
 
 import msgpack
 from array_record.python import array_record_data_source, array_record_module
+
+from pipeline import fs
 
 MANIFEST = "manifest.json"
 
@@ -29,7 +32,11 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 def shard_path(folder: str, index: int, count: int) -> str:
-  return os.path.join(folder, f"data-{index:05d}-of-{count:05d}.array_record")
+  return fs.join(folder, f"data-{index:05d}-of-{count:05d}.array_record")
+
+
+def is_shard(name: str) -> bool:
+  return name.startswith("data-") and name.endswith(".array_record")
 
 
 def shard_writer(path: str):
@@ -42,20 +49,21 @@ class PreparedSource:
   """A Grain random-access source over a folder written by `capjax prepare`."""
 
   def __init__(self, folder: str):
-    self.folder = os.path.abspath(folder)
-    manifest = os.path.join(self.folder, MANIFEST)
-    if not os.path.isfile(manifest):
-      unfinished = os.path.isdir(os.path.join(self.folder, ".prepare"))
+    self.folder = fs.absolute(folder)
+    manifest = fs.join(self.folder, MANIFEST)
+    if not fs.isfile(manifest):
+      unfinished = fs.isdir(fs.join(self.folder, ".prepare"))
       raise FileNotFoundError(
           f"{folder}: not a prepared dataset (no {MANIFEST}); " +
           ("its `capjax prepare` did not finish: run it again to complete it" if unfinished
            else "run `capjax prepare` first"))
-    with open(manifest) as f:
-      self.manifest = json.load(f)
-    self.paths = sorted(glob.glob(os.path.join(self.folder, "data-*.array_record")))
-    if len(self.paths) != self.manifest["shards"]:
-      raise ValueError(f"{folder}: {len(self.paths)} shards on disk, the manifest "
+    self.manifest = json.loads(fs.read_text(manifest))
+    names = [n for n in fs.listdir(self.folder) if is_shard(n)]
+    if len(names) != self.manifest["shards"]:
+      raise ValueError(f"{folder}: {len(names)} shards there, the manifest "
                        f"names {self.manifest['shards']}")
+    root = fs.cached(self.folder, names, "data") if fs.scheme(folder) == "s3" else self.folder
+    self.paths = [fs.join(root, n) for n in names]
     self._source = None
 
   def _reader(self):

@@ -2,7 +2,9 @@
 
 Unit i of n (an input file, or a range of records: sources/base.py) becomes
 `data-i-of-n.array_record`, streamed record by record into a temporary file
-and renamed when complete; then its counts go to `.prepare/data-i-of-n.json`.
+and renamed when complete (in a bucket, which has no rename: written in a
+local scratch folder, uploaded as one object, then deleted); then its counts
+go to `.prepare/data-i-of-n.json`.
 The first thing written is `.prepare/plan.json` (the source and the
 options), the last `manifest.json` (the counts of all shards, in order). A
 prepare run again with the same plan keeps every shard whose counts are
@@ -14,10 +16,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -60,7 +60,7 @@ def encode(rec: dict[str, Any], options: Options) -> tuple[bytes | None, str | N
 
 def _counts_path(out_dir: str, index: int, count: int) -> str:
   name = os.path.basename(records.shard_path(out_dir, index, count))
-  return os.path.join(out_dir, WORK, name.replace(".array_record", ".json"))
+  return fs.join(out_dir, WORK, name.replace(".array_record", ".json"))
 
 
 Report = Callable[[int, int, int], None]  # (work done, records kept, records skipped)
@@ -70,7 +70,8 @@ def write_shard(out_dir: str, index: int, count: int, unit: Any, options: Option
                 report: Report | None = None, report_every: float = 0.5) -> dict[str, Any]:
   """Writes `unit`, number `index` of `count`, as its shard; returns (and saves) its counts."""
   final = records.shard_path(out_dir, index, count)
-  tmp = os.path.join(out_dir, WORK, f"{os.path.basename(final)}.tmp-{os.getpid()}")
+  tmp = os.path.join(fs.scratch() if fs.is_bucket(out_dir) else os.path.join(out_dir, WORK),
+                     f"{os.path.basename(final)}.tmp-{os.getpid()}")
   counts: dict[str, Any] = {"unit": unit.key, "name": unit.name, "records": 0, "captions": 0,
                             "skipped": {}, "skipped_examples": {}, "truncated": {}}
   skipped: collections.Counter = collections.Counter()
@@ -95,7 +96,11 @@ def write_shard(out_dir: str, index: int, count: int, unit: Any, options: Option
     except TruncatedInput as e:
       counts["truncated"][unit.name] = str(e)
     writer.close()
-    os.replace(tmp, final)
+    if fs.is_bucket(out_dir):
+      fs.copy(tmp, final)
+      os.remove(tmp)
+    else:
+      os.replace(tmp, final)
   except BaseException:
     writer.close()
     if os.path.exists(tmp):
@@ -110,17 +115,16 @@ def write_shard(out_dir: str, index: int, count: int, unit: Any, options: Option
 
 def _ours(out_dir: str) -> bool:
   """Holds nothing but what prepare writes."""
-  return all(name in (WORK, records.MANIFEST) or
-             (name.startswith("data-") and name.endswith(".array_record"))
-             for name in os.listdir(out_dir))
+  return all(name in (WORK, records.MANIFEST) or records.is_shard(name)
+             for name in fs.listdir(out_dir))
 
 
 def _clear(out_dir: str) -> None:
-  for path in glob.glob(os.path.join(out_dir, "data-*.array_record")):
-    os.remove(path)
-  if os.path.exists(os.path.join(out_dir, records.MANIFEST)):
-    os.remove(os.path.join(out_dir, records.MANIFEST))
-  shutil.rmtree(os.path.join(out_dir, WORK), ignore_errors=True)
+  fs.remove(fs.join(out_dir, records.MANIFEST))  # first: the folder is no longer complete
+  for name in fs.listdir(out_dir):
+    if records.is_shard(name):
+      fs.remove(fs.join(out_dir, name))
+  fs.rmtree(fs.join(out_dir, WORK))
 
 
 def plan(source: Any, units: Sequence[Any], options: Options) -> dict[str, Any]:
@@ -130,40 +134,36 @@ def plan(source: Any, units: Sequence[Any], options: Options) -> dict[str, Any]:
 
 def start(out_dir: str, the_plan: dict[str, Any], units: Sequence[Any]) -> list[int]:
   """Readies `out_dir` for `the_plan`; returns the shards already written."""
-  if os.path.isdir(out_dir):
-    plan_file = os.path.join(out_dir, WORK, "plan.json")
-    old = None
-    if os.path.isfile(plan_file):
-      with open(plan_file) as f:
-        old = json.load(f)
+  if fs.isdir(out_dir):
+    plan_file = fs.join(out_dir, WORK, "plan.json")
+    old = json.loads(fs.read_text(plan_file)) if fs.isfile(plan_file) else None
     if old != the_plan:
       if not _ours(out_dir):
         raise SourceError(f"--out {out_dir}: exists and holds files prepare did not write; "
                           "give a new or empty folder")
       _clear(out_dir)
-  elif os.path.exists(out_dir):
+  elif fs.exists(out_dir):
     raise SourceError(f"--out {out_dir}: exists and is not a folder")
-  os.makedirs(os.path.join(out_dir, WORK), exist_ok=True)
-  fs.write_text(os.path.join(out_dir, WORK, "plan.json"), json.dumps(the_plan, indent=1))
-  for tmp in glob.glob(os.path.join(out_dir, WORK, "*.tmp-*")):  # a killed run's
-    os.remove(tmp)
+  fs.makedirs(fs.join(out_dir, WORK))
+  fs.write_text(fs.join(out_dir, WORK, "plan.json"), json.dumps(the_plan, indent=1))
+  for name in fs.listdir(fs.join(out_dir, WORK)):
+    if ".tmp-" in name:  # a killed run's
+      fs.remove(fs.join(out_dir, WORK, name))
+  present = set(fs.listdir(out_dir))
   done = []
   for i, unit in enumerate(units):
     saved = read_counts(out_dir, i, len(units))
     if (saved is not None and saved["unit"] == unit.key
-        and os.path.isfile(records.shard_path(out_dir, i, len(units)))):
+        and os.path.basename(records.shard_path(out_dir, i, len(units))) in present):
       done.append(i)
-  if len(done) < len(units) and os.path.exists(os.path.join(out_dir, records.MANIFEST)):
-    os.remove(os.path.join(out_dir, records.MANIFEST))  # complete again only at the end
+  if len(done) < len(units):
+    fs.remove(fs.join(out_dir, records.MANIFEST))  # complete again only at the end
   return done
 
 
 def read_counts(out_dir: str, index: int, count: int) -> dict[str, Any] | None:
   path = _counts_path(out_dir, index, count)
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path)) if fs.isfile(path) else None
 
 
 def finish(out_dir: str, the_plan: dict[str, Any]) -> dict[str, Any]:
@@ -188,5 +188,5 @@ def finish(out_dir: str, the_plan: dict[str, Any]) -> dict[str, Any]:
       "skipped": dict(skipped), "skipped_examples": examples, "truncated": truncated,
       "resize_shorter": the_plan["resize_shorter"], "jpeg_quality": the_plan["jpeg_quality"],
   }
-  fs.write_text(os.path.join(out_dir, records.MANIFEST), json.dumps(summary, indent=1))
+  fs.write_text(fs.join(out_dir, records.MANIFEST), json.dumps(summary, indent=1))
   return summary

@@ -1,18 +1,20 @@
-"""Run directories in buckets, against real servers on 127.0.0.1: moto's S3
-server and gcp-storage-emulator, reached by the real clients (TensorStore,
-gcsfs, s3fs) through their documented endpoint settings."""
+"""Data and run directories in buckets, against real servers on 127.0.0.1:
+moto's S3 server and gcp-storage-emulator, reached by the real clients
+(TensorStore, ArrayRecord's GCS reader, gcsfs, s3fs) through their
+documented endpoint settings."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from tests import buckets
-from tests.conftest import REPO, run_capjax, tiny_train_args
+from tests.conftest import REPO, TINY_CONFIG, run_capjax, tiny_train_args
 
 # Distinctive, so that a copy of one anywhere in the run directory is found.
 SECRET = "capjax-secret-9d2e41"
@@ -54,6 +56,38 @@ def _local_losses(workdir):
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+def _prepare_killed_then_finished(env, fs, coco, images, out):
+  """The train split prepared into `out` with one worker, SIGKILLed while its
+  last shard waits for an image (a FIFO no one writes): the folder is not
+  taken for a dataset; run again, prepare writes that shard alone."""
+  from pipeline import records
+  ann = coco / "annotations" / "captions_train.json"
+  images.mkdir()
+  for p in (coco / "train").iterdir():
+    (images / p.name).symlink_to(p)
+  last = json.loads(ann.read_text())["images"][-1]["file_name"]  # in the last shard
+  (images / last).unlink()
+  os.mkfifo(images / last)
+  args = ["prepare", str(ann), "--images", str(images), "--out", out, "--num-shards", "3",
+          "--workers", "1"]
+  proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  written = fs.join(out, ".prepare", "data-00001-of-00003.json")  # shard 1's counts
+  deadline = time.time() + 120
+  while not fs.exists(written) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert fs.exists(written) and not fs.exists(fs.join(out, records.MANIFEST))
+  with pytest.raises(FileNotFoundError, match="did not finish"):
+    records.PreparedSource(out)
+  (images / last).unlink()
+  (images / last).symlink_to(coco / "train" / last)
+  again = _capjax(env, *args)
+  assert "2 of 3 shards already written, kept" in again.stderr, again.stderr
+
+
 def _tensors(folder):
   from safetensors.numpy import load_file
   return load_file(os.path.join(folder, "model.safetensors"))
@@ -66,17 +100,34 @@ def local_export(trained_run, tmp_path_factory):
   return out
 
 
-def test_a_run_in_a_bucket_resumes_evaluates_and_exports_as_a_local_one(
-    store, client, prepared, trained_run, local_export, tmp_path):
-  """SIGKILL after the checkpoint at 6 (a step left half-written beside it),
-  then resumed to 10: the per-step losses and the exported weights equal an
-  uninterrupted local run's bit for bit; eval writes its outputs there."""
+def test_a_run_in_a_bucket_from_prepare_to_export_matches_a_local_one(
+    store, client, synthetic_coco, prepared, trained_run, local_export, tmp_path):
+  """Data prepared into the bucket (one prepare killed midway, then
+  finished) holds the local prepared folder's shards byte for byte. A run
+  on it there, SIGKILLed after a checkpoint (a step left half-written beside
+  it) and resumed to 10, has the per-step losses of an uninterrupted local
+  run bit for bit, so the same global batches; eval writes its outputs
+  there; export-hf to the bucket gives the local export's weights, and
+  import-hf of that folder into the bucket exports them again."""
+  from pipeline import records
   scheme, env = store
   fs = client
-  workdir = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}/run"
+  root = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}"
+  data = {"train": f"{root}/data/train", "val": f"{root}/data/val"}
+  _prepare_killed_then_finished(env, fs, synthetic_coco, tmp_path / "images", data["train"])
+  _capjax(env, "prepare", str(synthetic_coco / "annotations" / "captions_val.json"), "--images",
+          str(synthetic_coco / "val"), "--out", data["val"], "--num-shards", "3")
+  for split, folder in data.items():
+    names = [n for n in fs.listdir(folder) if records.is_shard(n)]
+    assert names == [n for n in sorted(os.listdir(prepared[split])) if records.is_shard(n)]
+    for name in names:
+      with open(os.path.join(prepared[split], name), "rb") as f:
+        assert fs.read_bytes(fs.join(folder, name)) == f.read(), (split, name)
+
+  workdir = f"{root}/run"
   proc = subprocess.Popen(
       [sys.executable, "-m", "trainer.cli",
-       *tiny_train_args(workdir, prepared, "--config.train.steps=100000",
+       *tiny_train_args(workdir, data, "--config.train.steps=100000",
                         "--config.checkpoint.every_steps=3")],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True)
@@ -98,7 +149,7 @@ def test_a_run_in_a_bucket_resumes_evaluates_and_exports_as_a_local_one(
       fs.copy(fs.join(ckpts, str(max(steps)), name), fs.join(ckpts, "99", name))
   assert faults.committed_steps(workdir) == steps
 
-  again = _capjax(env, *tiny_train_args(workdir, prepared, "--config.train.steps=10"))
+  again = _capjax(env, *tiny_train_args(workdir, data, "--config.train.steps=10"))
   assert f"resuming from the checkpoint at step {max(steps)}" in again.stdout, again.stdout
   assert _losses(fs, workdir) == _local_losses(trained_run)
   assert any(n.startswith("events.out.tfevents") for n in fs.listdir(fs.join(workdir,
@@ -112,8 +163,9 @@ def test_a_run_in_a_bucket_resumes_evaluates_and_exports_as_a_local_one(
   assert fs.isfile(fs.join(workdir, "samples.html"))
   assert len(fs.read_text(fs.join(workdir, "eval_predictions.jsonl")).splitlines()) == 20
 
+  _capjax(env, "export-hf", workdir, "--out", f"{root}/hf")
   out = tmp_path / "hf"
-  _capjax(env, "export-hf", workdir, "--out", str(out))
+  fs.copytree(f"{root}/hf", str(out))
   mine, local = _tensors(out), _tensors(local_export)
   assert sorted(mine) == sorted(local)
   for k in local:
@@ -121,10 +173,53 @@ def test_a_run_in_a_bucket_resumes_evaluates_and_exports_as_a_local_one(
   from transformers import VisionEncoderDecoderModel
   VisionEncoderDecoderModel.from_pretrained(str(out))
 
+  imported = f"{root}/imported"
+  _capjax(env, "import-hf", str(out), "--out", imported, "--config", TINY_CONFIG)
+  assert faults.committed_steps(imported) == [0]
+  refused = _capjax(env, "import-hf", str(out), "--out", imported, check=False)
+  assert refused.returncode == 1 and "holds files already" in refused.stderr, refused.stderr
+  _capjax(env, "export-hf", imported, "--out", str(tmp_path / "again"))
+  again = _tensors(tmp_path / "again")
+  for k in local:
+    assert np.array_equal(again[k], local[k]), k
+
   # Each process's stage went with it (the killed one's when the next started).
   runs = os.path.join(env["CAPJAX_CACHE"], "runs")
   assert not [n for d in os.listdir(runs) for n in os.listdir(os.path.join(runs, d))
               if n.startswith("stage-")]
-  # Credentials come from the environment alone: none reaches the run directory.
-  for name in fs.files(workdir):
-    assert SECRET.encode() not in fs.read_bytes(fs.join(workdir, name)), name
+  assert fs.listdir(root) == ["data", "hf", "imported", "run"]  # nothing built beside them
+  # Credentials come from the environment alone: none reaches the bucket.
+  for name in fs.files(root):
+    assert SECRET.encode() not in fs.read_bytes(fs.join(root, name)), name
+
+
+def test_prepared_data_is_read_in_place_from_gs_and_copied_once_from_s3(
+    store, client, prepared, tmp_path, monkeypatch, capsys):
+  """gs:// shards are read where they are; s3:// ones are copied into the
+  cache once, again only when changed, and never when the disk lacks room."""
+  from pipeline import records
+  scheme, fs = store[0], client
+  folder = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}/val"
+  fs.copytree(prepared["val"], folder)
+  local = records.PreparedSource(prepared["val"])
+  source = records.PreparedSource(folder)
+  assert [source[i] for i in range(len(source))] == [local[i] for i in range(len(local))]
+  if scheme == "gs":
+    assert all(p.startswith(folder + "/") for p in source.paths)
+    return
+  assert "copying 3 files" in capsys.readouterr().err
+  records.PreparedSource(folder)
+  assert "copying" not in capsys.readouterr().err
+  shard = fs.join(folder, os.path.basename(local.paths[0]))
+  fs.copy(records.PreparedSource(prepared["train"]).paths[0], shard)  # other bytes
+  copied = records.PreparedSource(folder).paths[0]
+  assert "copying 1 files" in capsys.readouterr().err
+  assert open(copied, "rb").read() == fs.read_bytes(shard)
+
+  other = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}/val2"
+  fs.copytree(prepared["val"], other)
+  monkeypatch.setattr(fs, "_SPARE", 1 << 60)  # a disk without room
+  with pytest.raises(OSError, match=r"GiB to copy into .* GiB free there"):
+    records.PreparedSource(other)
+  cache = fs.local_twin(other, "data")
+  assert not [n for n in os.listdir(cache) if records.is_shard(n)]

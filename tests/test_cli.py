@@ -39,12 +39,13 @@ def test_bad_input_is_one_line_and_nonzero(args, words):
     (["train", "--config", "demo", "--workdir", "hdfs://host/run"],
      "--workdir hdfs://host/run: hdfs:// paths are not supported: give a local path, "
      "gs://BUCKET/... or s3://BUCKET/..."),
-    (["prepare", "tests/data/no.json", "--out", "gs://bucket/data"],
-     "--out gs://bucket/data: gs:// paths are not supported here"),
-    (["train", "--config", "demo", "--workdir", "/tmp/x", "--config.data.train=gs://b/train"],
-     "config.data.train gs://b/train: gs://"),
+    (["prepare", "tests/data/no.json", "--images", "gs://bucket/images", "--out", "gs://b/d"],
+     "--images gs://bucket/images: gs:// paths are not supported here"),
+    (["train", "--config", "demo", "--workdir", "/tmp/x",
+      "--config.data.train=[('gs://b/a', 1.0), ('hdfs://h/b', 1.0)]"],
+     "config.data.train hdfs://h/b: hdfs://"),
     (["eval", "--checkpoint", "http://host/run"], "--checkpoint http://host/run"),
-    (["export-hf", "s3://bucket/run", "--out", "s3://bucket/hf"], "--out s3://bucket/hf"),
+    (["export-hf", "s3://bucket/run", "--out", "ftp://host/hf"], "--out ftp://host/hf"),
     (["metrics", "--predictions", "/p.jsonl", "--references", "https://host/refs.json"],
      "--references https://host/refs.json: https://"),
 ])

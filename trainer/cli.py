@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("source", help="COCO caption JSON, Karpathy dataset_coco.json, CSV/JSON/JSONL "
                  "table, WebDataset .tar or Parquet files (a folder, a glob or a brace pattern "
                  "such as 'cc3m/{00000..00331}.tar'), tfds:NAME, hf:NAME (a datasets folder or "
-                 "a Hub dataset in the local cache), or a prepared folder")
-  s.add_argument("--out", required=True, help="output folder; the manifest is written last")
+                 "a Hub dataset in the local cache), or a prepared folder (local, gs:// or s3://)")
+  s.add_argument("--out", required=True, help="output folder, local, gs://BUCKET/PATH or "
+                 "s3://BUCKET/PATH; the manifest is written last")
   s.add_argument("--images", help="image folder of a COCO file, or the COCO root of a Karpathy "
                  "file (default: the JSON's folder)")
   s.add_argument("--split", help="Karpathy: train, restval, val or test, joined with + "
@@ -151,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("hf_dir", nargs="?", help="VisionEncoderDecoderModel folder")
   s.add_argument("--encoder", help="ViT model folder (with --decoder)")
   s.add_argument("--decoder", help="GPT-2 model folder, with the tokenizer (with --encoder)")
-  s.add_argument("--out", required=True, help="run directory to write (replaced when complete)")
+  s.add_argument("--out", required=True, help="run directory to write: local (replaced when "
+                 "complete), or a new folder in gs:// or s3:// (complete with its checkpoint)")
   s.add_argument("--config", default="demo", help="config for data, train, eval and mesh "
                  "(default: demo)")
   s.add_argument("--image-size", type=int, help="input size, when it should differ from the "
@@ -163,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
                      "transformers' VisionEncoderDecoderModel.from_pretrained. LoRA adapters "
                      "are merged into the weights (or kept apart with --peft).")
   s.add_argument("checkpoint", help=CHECKPOINT_HELP)
-  s.add_argument("--out", required=True, help="folder to write (replaced when complete)")
+  s.add_argument("--out", required=True, help="folder to write (replaced when complete); in "
+                 "gs:// or s3://, config.json is uploaded last")
   s.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload to this Hub repository "
                  "(token from the HF_TOKEN environment variable)")
   s.add_argument("--peft", action="store_true", help="a LoRA checkpoint's adapters apart, in "
@@ -318,11 +321,14 @@ def _import_hf(args, overrides) -> int:
 
 
 def _export_hf(args, overrides) -> int:
+  from pipeline import fs
   from trainer.hf import exporter
 
   if overrides:
     raise ValueError("export-hf takes no --config overrides")
   if args.push_to_hub:
+    if fs.is_bucket(args.out):
+      raise ValueError(f"--push-to-hub uploads a local folder: give a local --out, not {args.out}")
     exporter.hub_token()  # before the export: a missing token costs nothing
   out = exporter.export_hf(args.checkpoint, args.out, peft=args.peft)
   print(f"wrote {out}")
@@ -368,11 +374,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # The flags and positionals that name files or folders.
 PATHS = ("source", "out", "images", "data_dir", "workdir", "checkpoint", "output",
          "predictions", "references", "hf_dir", "encoder", "decoder")
-POSITIONAL = {"source", "images", "hf_dir"}
+POSITIONAL = {("prepare", "source"), ("predict", "images"), ("import-hf", "hf_dir"),
+              ("export-hf", "checkpoint")}
 # Those that may name a bucket (gs://, s3://): run directories and outputs.
-BUCKET_PATHS = {("train", "workdir"), ("eval", "checkpoint"), ("eval", "out"),
-                ("predict", "checkpoint"), ("predict", "output"), ("export-hf", "checkpoint"),
-                ("metrics", "out")}
+BUCKET_PATHS = {("prepare", "source"), ("prepare", "out"), ("train", "workdir"),
+                ("eval", "checkpoint"), ("eval", "out"), ("predict", "checkpoint"),
+                ("predict", "output"), ("import-hf", "out"), ("export-hf", "checkpoint"),
+                ("export-hf", "out"), ("metrics", "out")}
 
 
 def _refuse_urls(args) -> None:
@@ -381,7 +389,7 @@ def _refuse_urls(args) -> None:
   for dest in PATHS:
     value = getattr(args, dest, None)
     if value is not None:
-      positional = dest in POSITIONAL or (dest == "checkpoint" and args.command == "export-hf")
+      positional = (args.command, dest) in POSITIONAL
       paths.refuse_urls(value, dest if positional else "--" + dest.replace("_", "-"),
                         buckets=(args.command, dest) in BUCKET_PATHS)
 

@@ -79,18 +79,20 @@ def apply_overrides(cfg: ConfigDict, overrides: list[str]) -> ConfigDict:
   return cfg
 
 
-# The config's paths: local ones only (see pipeline/paths.py).
+# The config's paths, each local or in a bucket (see pipeline/paths.py).
 PATHS = ("data.train", "data.eval", "tokenizer.path", "train.init_from")
 
 
 def load(path: str, overrides: list[str] = ()) -> ConfigDict:
-  from pipeline import paths
+  from pipeline import mixture, paths
 
   cfg = apply_overrides(load_file(path), list(overrides))
   for key in PATHS:
     value = cfg
     for part in key.split("."):
       value = value.get(part) if isinstance(value, ConfigDict) else None
+    if value and key == "data.train" and mixture.is_mixture(value):
+      value = [spec for _, spec, _ in mixture.parse(value)]
     if value:
-      paths.refuse_urls(value, f"config.{key}", buckets=key == "train.init_from")
+      paths.refuse_urls(value, f"config.{key}", buckets=True)
   return cfg

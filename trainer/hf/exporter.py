@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pipeline import atomic, tokenizer as tokenizer_lib
+from pipeline import atomic, fs, tokenizer as tokenizer_lib
 from trainer import params as params_lib
 from trainer.hf import weights
 from trainer.hf.importer import RESAMPLE
@@ -76,8 +76,8 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
     generation.save_pretrained(tmp)
     if adapter is not None:
       _save_peft_adapter(os.path.join(tmp, ADAPTER), adapter, hf_config, spec,
-                         os.path.abspath(out_dir))
-  return os.path.abspath(out_dir)
+                         fs.absolute(out_dir))
+  return fs.absolute(out_dir)
 
 
 def _module_names(hf_config, saved_names: list[str]) -> dict[str, str]:

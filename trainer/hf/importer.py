@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from pipeline import atomic, tokenizer as tokenizer_lib
+from pipeline import atomic, fs, tokenizer as tokenizer_lib
 from trainer import checkpoint, config as config_lib, params as params_lib
 from trainer.hf import weights
 from trainer.models.captioner import build_captioner
@@ -135,6 +135,9 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
   """
   if (hf_dir is None) == (encoder_dir is None or decoder_dir is None):
     raise ValueError("give either HF_DIR or both --encoder and --decoder")
+  if fs.is_bucket(out_dir) and fs.isdir(out_dir):
+    raise ValueError(f"--out {out_dir}: holds files already; in a bucket (no rename to "
+                     "replace a folder whole) import-hf writes a new folder")
   cfg = config_lib.load(base_config, overrides)
   if hf_dir:
     top = read_json(hf_dir, "config.json")
@@ -184,6 +187,13 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
   _merge(pure, params_lib.to_layout(loaded, cfg.model.scan_layers), ())
   nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
 
+  if fs.is_bucket(out_dir):
+    # Complete once its checkpoint is: Orbax's or capjax's commit marker, written last.
+    with atomic.folder(fs.join(out_dir, "tokenizer"), last=()) as tmp:
+      tok.save_pretrained(tmp)
+    fs.write_text(fs.join(out_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
+    checkpoint.save_params(out_dir, 0, params, cfg)
+    return cfg
   with atomic.folder(out_dir) as tmp:
     tok.save_pretrained(os.path.join(tmp, "tokenizer"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
