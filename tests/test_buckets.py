@@ -223,3 +223,32 @@ def test_prepared_data_is_read_in_place_from_gs_and_copied_once_from_s3(
     records.PreparedSource(other)
   cache = fs.local_twin(other, "data")
   assert not [n for n in os.listdir(cache) if records.is_shard(n)]
+
+
+def test_an_upload_killed_midway_leaves_no_object(store, client, tmp_path):
+  """What every output in a bucket relies on (shards, eval outputs, markers):
+  an upload whose process is SIGKILLed after 64 MiB went out (more than one
+  part or chunk) leaves no object, not a part of one."""
+  scheme, env = store
+  fifo = tmp_path / "source"
+  os.mkfifo(fifo)
+  url = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}/big.bin"
+  proc = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline import fs; "
+                           "fs.copy(sys.argv[1], sys.argv[2])", str(fifo), url],
+                          cwd=REPO, env=env, start_new_session=True)
+  try:
+    with open(fifo, "wb") as f:  # returns once the copy has read it all
+      f.write(os.urandom(1 << 20) * 64)
+      f.flush()
+      time.sleep(1)  # the parts read so far on their way; the copy waits for more
+      os.killpg(proc.pid, signal.SIGKILL)
+  except BrokenPipeError:
+    pass
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not client.exists(url)
+  if scheme == "s3":  # it was killed midway: a multipart upload begun, never completed
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
+    begun = s3.list_multipart_uploads(Bucket=buckets.BUCKET).get("Uploads", [])
+    assert any(u["Key"].endswith(f"{tmp_path.name}/big.bin") for u in begun), begun
