@@ -188,9 +188,13 @@ def test_a_run_in_a_bucket_from_prepare_to_export_matches_a_local_one(
   assert not [n for d in os.listdir(runs) for n in os.listdir(os.path.join(runs, d))
               if n.startswith("stage-")]
   assert fs.listdir(root) == ["data", "hf", "imported", "run"]  # nothing built beside them
-  # Credentials come from the environment alone: none reaches the bucket.
+  # Credentials come from the environment alone: none reaches the bucket, nor
+  # what capjax keeps on this machine (logs, data copies).
   for name in fs.files(root):
     assert SECRET.encode() not in fs.read_bytes(fs.join(root, name)), name
+  for name in fs.files(env["CAPJAX_CACHE"]):
+    with open(os.path.join(env["CAPJAX_CACHE"], name), "rb") as f:
+      assert SECRET.encode() not in f.read(), name
 
 
 def test_prepared_data_is_read_in_place_from_gs_and_copied_once_from_s3(
