@@ -40,7 +40,8 @@ setup(
     extras_require={
         # `capjax prepare --runner beam`: Dataflow, Flink, Spark, or Beam's local runner
         "beam": ["apache-beam>=2.77,<3"],
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pycocoevalcap==1.2", "torch==2.13.0",
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pytest-timeout>=2.3,<3",
+                 "pycocoevalcap==1.2", "torch==2.13.0",
                  "kubernetes>=30,<40", "peft>=0.13,<1", "apache-beam>=2.77,<3",
                  "moto[server]>=5.2,<6", "gcp-storage-emulator>=2026.7"],
     },

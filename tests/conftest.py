@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -66,6 +68,65 @@ def run_local(n, m, *args, timeout=900):
                         env={**os.environ, "CAPJAX_PYTHON": sys.executable})
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return proc
+
+
+class Output:
+  """A child's stdout (text, stderr merged in or not), read by a thread of
+  its own so that every wait on it is bounded: a child that hangs fails the
+  test with its last lines instead of hanging the suite."""
+
+  def __init__(self, proc: subprocess.Popen):
+    self.proc, self.lines = proc, []
+    self._done = False
+    self._cond = threading.Condition()
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      with self._cond:
+        self.lines.append(line)
+        self._cond.notify_all()
+    with self._cond:
+      self._done = True
+      self._cond.notify_all()
+
+  @property
+  def text(self) -> str:
+    with self._cond:
+      return "".join(self.lines)
+
+  def _tail(self) -> str:
+    return "".join(self.lines[-40:])
+
+  def wait_for(self, text: str, timeout: float) -> str:
+    """Until a line holds `text` (returns it); AssertionError with the last
+    output if the child ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    with self._cond:
+      while True:
+        found = [line for line in self.lines if text in line]
+        if found:
+          return found[0]
+        if self._done:
+          raise AssertionError(f"the child exited ({self.proc.poll()}) without printing "
+                               f"{text!r}; its last output:\n{self._tail()}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise AssertionError(f"the child printed no {text!r} in {timeout:g} s; its last "
+                               f"output:\n{self._tail()}")
+        self._cond.wait(left)
+
+  def rest(self, timeout: float) -> str:
+    """All of the output once the child has closed it (at most `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    with self._cond:
+      while not self._done:
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise AssertionError(f"the child's output did not end in {timeout:g} s; its last "
+                               f"output:\n{self._tail()}")
+        self._cond.wait(left)
+      return "".join(self.lines)
 
 
 def _session_folder(tmp_path_factory, name, make):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_CONFIG, run_capjax, run_local
+from tests.conftest import REPO, TINY_CONFIG, Output, run_capjax, run_local
 
 
 def test_eval_visits_every_record_once(trained_run, synthetic_coco, tmp_path):
@@ -79,21 +79,22 @@ def test_preemption_of_two_processes_checkpoints_one_step(prepared, tmp_path):
        f"--config.data.eval={prepared['val']}", "--config.train.steps=100000",
        "--config.checkpoint.every_steps=100000"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env={**os.environ, "CAPJAX_PYTHON": sys.executable})
-  seen = []
-  for line in proc.stdout:
-    seen.append(line)
-    if "step 6/" in line:
-      break
-  for pid in _descendants(proc.pid):
-    try:
-      with open(f"/proc/{pid}/cmdline") as f:
-        if "trainer.cli" in f.read():
-          os.kill(pid, signal.SIGTERM)
-    except OSError:
-      pass
-  rest = proc.stdout.read()
-  assert proc.wait(timeout=300) == 0, "".join(seen) + rest
+      start_new_session=True, env={**os.environ, "CAPJAX_PYTHON": sys.executable})
+  out = Output(proc)
+  try:
+    out.wait_for("step 6/", 600)
+    for pid in _descendants(proc.pid):
+      try:
+        with open(f"/proc/{pid}/cmdline") as f:
+          if "trainer.cli" in f.read():
+            os.kill(pid, signal.SIGTERM)
+      except OSError:
+        pass
+    rest = out.rest(300)
+    assert proc.wait(timeout=60) == 0, rest
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
   steps = {l.split("checkpoint at step ")[1].split(";")[0] for l in rest.splitlines()
            if "preempted" in l}
   assert len(steps) == 1 and os.listdir(tmp_path / "checkpoints") == list(steps)

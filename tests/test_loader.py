@@ -2,7 +2,6 @@
 global batches whatever the number of processes."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline import loader, prepare, tokenizer, transforms
-from tests.conftest import REPO, TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG, Output
 from trainer import config, train
 
 
@@ -139,10 +138,12 @@ def test_ring_removed_when_the_process_is_killed(tmp_path):
           "print(r.path, flush=True); time.sleep(60)\n")
   proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  path = proc.stdout.readline().strip()
-  assert os.path.exists(path)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  try:
+    path = Output(proc).wait_for("/", 60).strip()
+    assert os.path.exists(path)
+  finally:
+    proc.kill()
+  proc.wait(30)
   deadline = time.time() + 20
   while os.path.exists(path) and time.time() < deadline:
     time.sleep(0.1)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline import shm
-from tests.conftest import REPO, run_capjax, tiny_train_args, train_tiny as _train
+from tests.conftest import REPO, Output, run_capjax, tiny_train_args, train_tiny as _train
 from tests.test_writers import tensorboard_scalars
 
 
@@ -104,15 +104,6 @@ def _start(workdir, prepared, *overrides, own_group=False):
       start_new_session=own_group)
 
 
-def _wait_for(proc, text):
-  seen = []
-  for line in proc.stdout:
-    seen.append(line)
-    if text in line:
-      return seen
-  raise AssertionError(f"never printed {text!r}:\n{''.join(seen)}")
-
-
 def _params(workdir, step):
   from trainer import params
   restored = params.restore(str(workdir / "checkpoints" / str(step)))
@@ -126,9 +117,11 @@ def test_killed_run_resumes_exactly(prepared, trained_run, tmp_path):
   left in /dev/shm; once it is done, nothing of either is there."""
   workers = "--config.data.worker_count=2"  # the stream is the same with or without them
   proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=3", workers, own_group=True)
-  _wait_for(proc, "step 8/")  # the save at 6 began, so the one at 3 is complete
-  os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait()
+  try:
+    Output(proc).wait_for("step 8/", 600)  # the save at 6 began, so the one at 3 is complete
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(30)
   assert os.listdir(tmp_path / "checkpoints")
   left = shm.leftovers(str(tmp_path))
   assert left, "the killed run left nothing in /dev/shm: this test shows nothing"
@@ -149,10 +142,15 @@ def test_killed_run_resumes_exactly(prepared, trained_run, tmp_path):
 
 def test_sigterm_checkpoints_the_current_step_and_exits_0(prepared, trained_run, tmp_path):
   proc = _start(tmp_path, prepared, "--config.checkpoint.every_steps=1000")
-  _wait_for(proc, "step 4/")
-  proc.send_signal(signal.SIGTERM)
-  rest = proc.stdout.read()
-  assert proc.wait() == 0, rest
+  out = Output(proc)
+  try:
+    out.wait_for("step 4/", 600)
+    proc.send_signal(signal.SIGTERM)
+    rest = out.rest(300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.wait(30) == 0, rest
   stopped = int(rest.split("preempted: checkpoint at step ")[1].split(";")[0])
   assert os.listdir(tmp_path / "checkpoints") == [str(stopped)]
   assert sorted(_losses(tmp_path)) == list(range(1, stopped + 1))
