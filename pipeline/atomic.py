@@ -31,9 +31,13 @@ def folder(out_dir: str, last: tuple[str, ...] = ("config.json",)) -> Iterator[s
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-", dir=parent)
   try:
     yield tmp
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    if os.path.exists(out_dir):  # the old one renamed aside: never a moment without either
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-old-", dir=parent)
+      os.rename(out_dir, os.path.join(old, "folder"))
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

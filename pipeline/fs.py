@@ -7,24 +7,28 @@ AWS environment variables, profiles and instance roles) and their endpoints
 from `STORAGE_EMULATOR_HOST` and `AWS_ENDPOINT_URL_S3`. TensorFlow's gfile
 is kept out (`EPATH_USE_TF=false`): its endpoint cannot be redirected.
 
-Buckets have no rename: a text written here appears whole as one object
-upload. Files that grow (metrics.jsonl, TensorBoard's events) are written
-in a local stage (`Stage`) and uploaded whole at each flush; what the run
-only reads is downloaded into it.
+Every file written here appears whole or not at all: locally a temporary
+file renamed over it; in a bucket (no rename there) one object upload,
+aborted, not committed, when the write fails or is interrupted. Files that
+grow (metrics.jsonl, TensorBoard's events) are written in a local stage
+(`Stage`) and uploaded whole at each flush; what the run only reads is
+downloaded into it.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
+import threading
 from typing import Iterator
+
+from pipeline import processes
 
 os.environ.setdefault("EPATH_USE_TF", "false")
 
@@ -125,16 +129,42 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def write_text(path: str, text: str) -> None:
-  """`path` whole or not at all: one object upload to a bucket; locally a
-  temporary file renamed over it."""
-  if is_bucket(path):
-    _epath(path).write_text(text)
+@contextlib.contextmanager
+def _whole(path: str) -> Iterator:
+  """A binary file to write `path` through, there only once the block ends
+  without an exception, else absent (or the file it replaces untouched).
+  In a bucket an fsspec file, whose close() would commit the upload also
+  when an exception (Ctrl-C, a read error) leaves the block: the upload is
+  aborted instead. Locally a temporary file renamed over `path`."""
+  if not is_bucket(path):
+    tmp = f"{path}.tmp-{processes.owner()}-{threading.get_ident()}"
+    try:
+      with open(tmp, "wb") as f:
+        yield f
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  import fsspec
+  _epath(path)  # the clients configured
+  filesystem, name = fsspec.core.url_to_fs(path)
+  f = filesystem.open(name, "wb")
+  try:
+    yield f
+  except BaseException:
+    try:
+      f.discard()  # s3: the multipart upload aborted; gs: the resumable one cancelled
+    finally:
+      f.closed = True  # never committed, not even when collected
+    raise
+  f.close()
+
+
+def write_text(path: str, text: str) -> None:
+  """`path` whole or not at all (see `_whole`)."""
+  with _whole(path) as f:
+    f.write(text.encode("utf-8"))
 
 
 def remove(path: str) -> None:
@@ -180,13 +210,17 @@ def _open(path: str, mode: str):
 
 
 def copy(src: str, dst: str) -> None:
-  """One file, any store to any store (to a bucket: one object upload)."""
+  """One file, any store to any store, whole or not at all (to a bucket:
+  one object upload, aborted if the copy fails or is interrupted)."""
   if not is_bucket(dst):
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-  if not is_bucket(src) and not is_bucket(dst):
-    shutil.copyfile(src, dst)
+  elif scheme(src) == scheme(dst):  # within the store: one server-side copy
+    import fsspec
+    _epath(src)  # the clients configured
+    filesystem, name = fsspec.core.url_to_fs(src)
+    filesystem.copy(name, fsspec.core.url_to_fs(dst)[1])
     return
-  with _open(src, "rb") as f, _open(dst, "wb") as out:
+  with _open(src, "rb") as f, _whole(dst) as out:
     shutil.copyfileobj(f, out, 1 << 22)
 
 
@@ -199,23 +233,34 @@ def copytree(src: str, dst: str, skip: tuple[str, ...] = ()) -> list[str]:
   return names
 
 
+NEXT = ".capjax-next"  # a bucket folder's next contents, uploaded beside it
+
+
 def publish(local: str, remote: str, last: tuple[str, ...]) -> None:
-  """The local folder `local` over the bucket folder `remote`, never seen as
-  a whole mixing old and new files by a reader that opens a file of `last`
-  first (a model's config.json): those are removed first and uploaded last,
-  and files `remote` has and `local` lacks go before them."""
-  names = files(local)
+  """The local folder `local` over the bucket folder `remote`, which stays
+  readable as it was until the new files are all in the bucket: they are
+  uploaded beside it first (`remote/.capjax-next/`; an interruption there
+  leaves the old folder whole, and the next publish starts that again).
+  Then, copied server-side (seconds, however large), the folder switches:
+  the files of `last` (what readers open first, a model's config.json) are
+  removed, then those the new folder lacks; the new files take their places,
+  those of `last` last, so a reader never takes a mix for a whole."""
+  nxt = join(remote, NEXT)
+  rmtree(nxt)
+  names = copytree(local, nxt)
   for name in last:
     remove(join(remote, name))
   for name in sorted(set(files(remote)) - set(names)):
-    remove(join(remote, name))
+    if not name.startswith(NEXT + "/"):
+      remove(join(remote, name))
   for name in [n for n in names if n not in last] + [n for n in names if n in last]:
-    copy(os.path.join(local, name), join(remote, name))
+    copy(join(nxt, name), join(remote, name))
+  rmtree(nxt)
 
 
 def move(src: str, dst: str) -> None:
-  """A folder to a new name: a rename locally; in a bucket a copy, then
-  the original removed."""
+  """A folder to a new name: a rename locally; in a bucket a server-side
+  copy, then the original removed."""
   if not is_bucket(src) and not is_bucket(dst):
     os.rename(src, dst)
     return
@@ -249,15 +294,14 @@ def local_twin(path: str, kind: str = "runs") -> str:
 
 
 def _process_dir(parent: str) -> str:
-  """A new folder in `parent` for this process, removed at exit; those of
-  processes no longer alive (killed) are removed now."""
-  from pipeline.shm import alive
+  """A new folder in `parent` for this process (stage-HOST-PID-...), removed
+  at exit; those of this host's processes no longer alive (killed) are
+  removed now, never another host's (`parent` may be on a shared home)."""
   os.makedirs(parent, exist_ok=True)
   for name in os.listdir(parent):
-    pid = name.split("-")[1] if name.startswith("stage-") else ""
-    if pid.isdigit() and not alive(int(pid)):
+    if processes.gone(name, "stage-"):
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-  root = tempfile.mkdtemp(prefix=f"stage-{os.getpid()}-", dir=parent)
+  root = tempfile.mkdtemp(prefix=f"stage-{processes.owner()}-", dir=parent)
   atexit.register(shutil.rmtree, root, True)
   return root
 
@@ -328,58 +372,4 @@ def fetched(path: str) -> str:
   local = os.path.join(scratch(), _slug(absolute(path)))
   if not os.path.exists(local) and not _download(path, local):
     raise FileNotFoundError(f"{path}: no such file or folder")
-  return local
-
-
-# -- a bounded local cache of bucket data -------------------------------------
-
-_INDEX = "capjax-cache.json"  # {name: [size, version key]} of the objects copied
-_SPARE = 1 << 30  # left free on the cache's disk
-
-
-def cached(folder: str, names: list[str], what: str) -> str:
-  """A local folder holding the files `names` of the bucket folder `folder`,
-  kept in the cache across runs (`CAPJAX_CACHE`, one copy per folder): only
-  files rewritten in the bucket since are downloaded again. When
-  they would not fit on the cache's disk, an OSError naming `what` and the
-  sizes, before anything is downloaded."""
-  from concurrent import futures
-
-  local = local_twin(folder, "data")
-  os.makedirs(local, exist_ok=True)
-  index_path = os.path.join(local, _INDEX)
-  try:
-    with open(index_path) as f:
-      index = json.load(f)
-  except (OSError, ValueError):
-    index = {}
-  with futures.ThreadPoolExecutor(16) as pool:
-    stats = dict(zip(names, pool.map(lambda n: list(version(join(folder, n))), names)))
-    todo = [n for n in names if index.get(n) != stats[n]
-            or not os.path.isfile(os.path.join(local, n))
-            or os.path.getsize(os.path.join(local, n)) != stats[n][0]]
-    need = sum(stats[n][0] for n in todo)
-    free = shutil.disk_usage(local).free
-    if todo and need + _SPARE > free:
-      raise OSError(f"{what} {folder}: {need / 2**30:.1f} GiB to copy into {local}, "
-                    f"{free / 2**30:.1f} GiB free there: set CAPJAX_CACHE to a larger disk, "
-                    "or mount the bucket (mountpoint-s3) and give its local path")
-    if todo:
-      print(f"{what}: copying {len(todo)} files ({need / 2**20:,.0f} MiB) of {folder} into "
-            f"{local}", file=sys.stderr, flush=True)
-
-    def one(name: str) -> None:
-      tmp = os.path.join(local, f"{name}.tmp-{os.getpid()}")
-      try:
-        copy(join(folder, name), tmp)
-        os.replace(tmp, os.path.join(local, name))
-      finally:
-        if os.path.exists(tmp):
-          os.remove(tmp)
-
-    list(pool.map(one, todo))
-  for name in set(os.listdir(local)) - set(names) - {_INDEX}:  # files the folder dropped
-    if ".tmp-" not in name:
-      os.remove(os.path.join(local, name))
-  write_text(index_path, json.dumps({n: stats[n] for n in names}))
   return local

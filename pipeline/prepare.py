@@ -24,7 +24,7 @@ import time
 import types
 from typing import Any
 
-from pipeline import fs, records, shards, shm, sources
+from pipeline import fs, processes, records, shards, shm, sources
 from pipeline.sources import SourceError  # noqa: F401  (part of this module's surface)
 
 
@@ -248,7 +248,7 @@ def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Optio
         # shard is never finished: without this it would wait forever.
         while not started.empty():
           pids.add(started.get())
-        dead = [p for p in pids if not shm.alive(p)]
+        dead = [p for p in pids if not processes.alive(p)]
         if dead and len(finished) < len(todo):
           kept = len(units) - len(todo) + len(finished)
           failed.append(WorkerDied(

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 from array_record.python import array_record_data_source, array_record_module
 
-from pipeline import fs
+from pipeline import data_cache, fs
 
 MANIFEST = "manifest.json"
 
@@ -62,7 +62,8 @@ class PreparedSource:
     if len(names) != self.manifest["shards"]:
       raise ValueError(f"{folder}: {len(names)} shards there, the manifest "
                        f"names {self.manifest['shards']}")
-    root = fs.cached(self.folder, names, "data") if fs.scheme(folder) == "s3" else self.folder
+    root = (data_cache.cached(self.folder, names, "data") if fs.scheme(folder) == "s3"
+            else self.folder)
     self.paths = [fs.join(root, n) for n in names]
     self._source = None
 

@@ -25,24 +25,15 @@ import sys
 import threading
 import time
 
+from pipeline import fs, processes
+
 SHM = "/dev/shm"
 _prefix: str | None = None
 
 
 def run_tag(workdir: str) -> str:
   """`capjax-RUN`: the prefix of every file a run's processes make here."""
-  from pipeline import fs
   return "capjax-" + hashlib.sha256(fs.absolute(workdir).encode()).hexdigest()[:8]
-
-
-def alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # someone else's process: alive
-    pass
-  return True
 
 
 def leftovers(workdir: str) -> list[str]:
@@ -52,7 +43,7 @@ def leftovers(workdir: str) -> list[str]:
   for path in glob.glob(os.path.join(SHM, f"{tag}-*")) + glob.glob(
       os.path.join(SHM, f"sem.{tag}-*")):
     pid = os.path.basename(path).split(tag + "-", 1)[1].split("-", 1)[0]
-    if pid.isdigit() and not alive(int(pid)):
+    if pid.isdigit() and not processes.alive(int(pid)):
       found.append(path)
   return sorted(found)
 

@@ -3,8 +3,10 @@ moto's S3 server and gcp-storage-emulator, reached by the real clients
 (TensorStore, ArrayRecord's GCS reader, gcsfs, s3fs) through their
 documented endpoint settings."""
 
+import errno
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests import buckets
-from tests.conftest import REPO, TINY_CONFIG, run_capjax, tiny_train_args
+from tests.conftest import REPO, TINY_CONFIG, Output, run_capjax, tiny_train_args
 
 # Distinctive, so that a copy of one anywhere in the run directory is found.
 SECRET = "capjax-secret-9d2e41"
@@ -131,16 +133,15 @@ def test_a_run_in_a_bucket_from_prepare_to_export_matches_a_local_one(
                         "--config.checkpoint.every_steps=3")],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       start_new_session=True)
-  seen = []
-  for line in proc.stdout:
-    seen.append(line)
-    if "step 10/" in line:
-      break
-  os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait()
+  out = Output(proc)
+  try:
+    out.wait_for("step 10/", 300)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(30)
   from trainer import faults
   steps = faults.committed_steps(workdir)
-  assert steps and max(steps) >= 3, "".join(seen)
+  assert steps and max(steps) >= 3, out.text
   # What a save killed midway leaves: a step's files without its commit marker.
   marker = {"gs": faults.GCS_COMMIT, "s3": faults.S3_COMMIT}[scheme]
   ckpts = fs.join(workdir, "checkpoints")
@@ -222,37 +223,124 @@ def test_prepared_data_is_read_in_place_from_gs_and_copied_once_from_s3(
 
   other = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}/val2"
   fs.copytree(prepared["val"], other)
-  monkeypatch.setattr(fs, "_SPARE", 1 << 60)  # a disk without room
+  from pipeline import data_cache
+  monkeypatch.setattr(data_cache, "SPARE", 1 << 60)  # a disk without room
   with pytest.raises(OSError, match=r"GiB to copy into .* GiB free there"):
     records.PreparedSource(other)
   cache = fs.local_twin(other, "data")
   assert not [n for n in os.listdir(cache) if records.is_shard(n)]
 
 
-def test_an_upload_killed_midway_leaves_no_object(store, client, tmp_path):
-  """What every output in a bucket relies on (shards, eval outputs, markers):
-  an upload whose process is SIGKILLed after 64 MiB went out (more than one
-  part or chunk) leaves no object, not a part of one."""
+def _feed(fifo, proc, data: bytes, timeout: float) -> int:
+  """`data` into the FIFO that the child `proc` reads, within `timeout`
+  seconds (never blocked on a child that died or stopped reading); returns
+  the FIFO's descriptor, still open: the child waits for more."""
+  deadline = time.monotonic() + timeout
+  while True:  # a FIFO opens for writing once the child opened it for reading
+    try:
+      fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+      break
+    except OSError as e:
+      if e.errno != errno.ENXIO or proc.poll() is not None or time.monotonic() > deadline:
+        raise AssertionError(f"the child never opened {fifo} (status {proc.poll()})") from e
+      time.sleep(0.05)
+  try:
+    view = memoryview(data)
+    while view:
+      left = deadline - time.monotonic()
+      if left <= 0 or not select.select([], [fd], [], left)[1]:
+        raise AssertionError(f"the child stopped reading {fifo}: {len(view)} bytes left")
+      view = view[os.write(fd, view[:1 << 16]):]
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_an_upload_interrupted_midway_leaves_the_old_object(store, client, tmp_path, how):
+  """What every output in a bucket relies on (shards, eval outputs, markers,
+  exports): an upload stopped after 64 MiB went out (more than one part or
+  chunk) leaves the object as it was, not a part of the new one. SIGKILL
+  kills the process; SIGINT raises KeyboardInterrupt inside the copy, which
+  leaves its `with` block, whose close() would have committed the upload."""
   scheme, env = store
   fifo = tmp_path / "source"
   os.mkfifo(fifo)
   url = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}/big.bin"
+  client.write_text(url, "the previous object")
   proc = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline import fs; "
                            "fs.copy(sys.argv[1], sys.argv[2])", str(fifo), url],
-                          cwd=REPO, env=env, start_new_session=True)
+                          cwd=REPO, env=env, start_new_session=True, stderr=subprocess.PIPE,
+                          text=True)
   try:
-    with open(fifo, "wb") as f:  # returns once the copy has read it all
-      f.write(os.urandom(1 << 20) * 64)
-      f.flush()
-      time.sleep(1)  # the parts read so far on their way; the copy waits for more
+    fd = _feed(fifo, proc, os.urandom(1 << 20) * 64, timeout=120)
+    time.sleep(1)  # the parts read so far on their way; the copy waits for more
+    os.killpg(proc.pid, getattr(signal, how))
+    err = proc.communicate(timeout=60)[1]
+    os.close(fd)
+  finally:
+    if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
-  except BrokenPipeError:
-    pass
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  assert not client.exists(url)
-  if scheme == "s3":  # it was killed midway: a multipart upload begun, never completed
+  if how == "SIGINT":
+    assert "KeyboardInterrupt" in err, err
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  assert client.read_text(url) == "the previous object"
+  if scheme == "s3":
     import boto3
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"])
-    begun = s3.list_multipart_uploads(Bucket=buckets.BUCKET).get("Uploads", [])
-    assert any(u["Key"].endswith(f"{tmp_path.name}/big.bin") for u in begun), begun
+    begun = [u for u in s3.list_multipart_uploads(Bucket=buckets.BUCKET).get("Uploads", [])
+             if u["Key"].endswith(f"{tmp_path.name}/big.bin")]
+    # Killed, its multipart upload stays begun, never completed (a bucket's
+    # lifecycle rule clears those); interrupted, it is aborted.
+    assert bool(begun) == (how == "SIGKILL"), begun
+
+
+def test_an_export_replaced_midway_leaves_the_previous_one_loadable(
+    store, client, local_export, tmp_path):
+  """A re-export over a bucket export, SIGKILLed while its files go up
+  (held at its last file, a FIFO no one writes): the old export is still
+  whole there and loads in transformers; run again to the end, the new
+  one replaces it, with nothing left beside it."""
+  import shutil
+  from safetensors.numpy import save_file
+  from transformers import VisionEncoderDecoderModel
+  scheme, env = store
+  fs = client
+  remote = f"{scheme}://{buckets.BUCKET}/{tmp_path.name}/hf"
+  fs.copytree(str(local_export), remote)
+  new = tmp_path / "new"
+  shutil.copytree(local_export, new)
+  old = _tensors(local_export)
+  save_file({k: v * 2 for k, v in old.items()}, str(new / "model.safetensors"))
+  os.mkfifo(new / "zz-held")  # uploaded last, its read waits for a writer
+  proc = subprocess.Popen([sys.executable, "-c", "import sys; from pipeline import fs; "
+                           "fs.publish(sys.argv[1], sys.argv[2], ('config.json',))", str(new),
+                           remote], cwd=REPO, env=env, start_new_session=True)
+  try:
+    held = fs.join(remote, fs.NEXT, "model.safetensors")
+    deadline = time.monotonic() + 120
+    while not fs.exists(held) and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert fs.exists(held), proc.poll()
+    time.sleep(1)  # the files after it go up, up to the FIFO
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+  def loaded(where):
+    fs.rmtree(str(where))
+    for name in fs.files(remote):
+      if not name.startswith(fs.NEXT + "/"):
+        fs.copy(fs.join(remote, name), str(where / name))
+    VisionEncoderDecoderModel.from_pretrained(str(where))
+    return _tensors(where)
+
+  after_kill = loaded(tmp_path / "after-kill")
+  assert all(np.array_equal(after_kill[k], old[k]) for k in old)
+  (new / "zz-held").unlink()
+  fs.publish(str(new), remote, ("config.json",))
+  replaced = loaded(tmp_path / "replaced")
+  assert all(np.array_equal(replaced[k], old[k] * 2) for k in old)
+  assert fs.NEXT not in fs.listdir(remote)
