@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -295,6 +296,56 @@ def test_an_upload_interrupted_midway_leaves_the_old_object(store, client, tmp_p
     # Killed, its multipart upload stays begun, never completed (a bucket's
     # lifecycle rule clears those); interrupted, it is aborted.
     assert bool(begun) == (how == "SIGKILL"), begun
+
+
+def _as_s3_run(fs, local_run, root):
+  """A local run's checkpoints as an s3:// run directory's: each step's
+  files, then its commit marker."""
+  from trainer import faults
+  for step in faults.committed_steps(str(local_run)):
+    rel = os.path.join("checkpoints", str(step))
+    names = fs.copytree(os.path.join(local_run, rel), fs.join(root, rel))
+    fs.write_text(fs.join(root, rel, faults.S3_COMMIT), json.dumps({"files": names}) + "\n")
+
+
+@pytest.mark.parametrize("store", ["s3"], indirect=True)
+def test_loading_an_s3_run_downloads_its_parameters_once_and_no_optimiser_state(
+    store, client, trained_run, tmp_path, monkeypatch):
+  """What eval, predict and export-hf load (params.restore) moves from the
+  bucket, counted at the one place downloads go through: one copy of the
+  parameters, the config, the checksums and Orbax's metadata; none of the
+  optimiser state or the data stream's position; nothing kept on disk."""
+  from trainer import params
+  fs = client
+  root = f"s3://{buckets.BUCKET}/{tmp_path.name}/run"
+  _as_s3_run(fs, str(trained_run), root)
+  step = fs.join(root, "checkpoints", "10")
+  sizes = {name: fs.version(fs.join(step, name))[0] for name in fs.files(step)}
+  moved = []
+  copy = fs.copy
+
+  def counting(src, dst):
+    if fs.is_bucket(src):
+      moved.append((os.path.relpath(src, step), fs.version(src)[0]))
+    copy(src, dst)
+
+  monkeypatch.setattr(fs, "copy", counting)
+  restored = params.restore(root)
+  item = lambda name: name.split("/")[0]
+  per_item = {}
+  for name, size in moved:
+    per_item[item(name)] = per_item.get(item(name), 0) + size
+  total = lambda what: sum(s for n, s in sizes.items() if item(n) == what)
+  assert per_item["params"] == total("params") > 0, per_item
+  assert "opt_state" not in per_item and "data" not in per_item, per_item
+  assert len(moved) == len(set(moved)), moved  # each file once
+  print(f"downloaded {sum(per_item.values()):,} of the step's {sum(sizes.values()):,} bytes: "
+        f"{per_item}")
+  local = params.restore(str(trained_run))
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(local.params)):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  stages = fs.local_twin(fs.join(root, "checkpoints"))
+  assert not [f for f in fs.files(stages) if "/params/" in f]  # in memory, not on disk
 
 
 def test_an_export_replaced_midway_leaves_the_previous_one_loadable(

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pipeline import shm
-from tests.conftest import REPO, run_local, tiny_train_args
+from tests.conftest import REPO, Output, run_local, tiny_train_args
 
 pytestmark = pytest.mark.xdist_group("peers")  # the module's runs share one worker
 
@@ -51,29 +51,24 @@ def _session(sid):
   return found
 
 
-def _kill_one(prepared, workdir, victim):
+def _kill_one(prepared, workdir, victim, *overrides):
   """Starts the run, SIGKILLs process `victim` once the checkpoint at step 4
   is complete; (launcher's status, seconds from the kill to its exit, its
   output, the processes the run had, its session)."""
   proc = subprocess.Popen([os.path.join(REPO, "launch", "local.sh"), "2", "4",
-                           *_args(prepared, workdir)], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                           *_args(prepared, workdir), *overrides], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True,
                           env={**os.environ, "CAPJAX_PYTHON": sys.executable})
   try:
-    seen = []
-    for line in proc.stdout:
-      seen.append(line)
-      if "[0] step 10/" in line:  # the save at 8 began, so the one at 4 is complete
-        break
-    else:
-      raise AssertionError("the run never reached step 10:\n" + "".join(seen))
+    out = Output(proc)
+    out.wait_for("[0] step 10/", 600)  # the save at 8 began, so the one at 4 is complete
     run = _session(proc.pid)
     target, = [p for p, argv in run.items() if argv[-2:] == ["--process-id", str(victim)]]
     os.kill(target, signal.SIGKILL)
     killed = time.monotonic()
-    rest = proc.stdout.read()
     status = proc.wait(timeout=TIMEOUT + 60)
-    return status, time.monotonic() - killed, "".join(seen) + rest, run, proc.pid
+    return status, time.monotonic() - killed, out.rest(30), run, proc.pid
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
@@ -116,6 +111,23 @@ def test_a_dead_peer_stops_the_run_which_resumes_exactly(prepared, uninterrupted
   assert "resuming from the checkpoint at step" in again.stdout
   assert _losses(tmp_path) == uninterrupted  # every step once, bit for bit
   assert not glob.glob(f"/dev/shm/*{shm.run_tag(str(tmp_path))}*")
+
+
+def test_a_peer_killed_during_a_checkpoint_is_reported_as_a_lost_peer(prepared, tmp_path):
+  """Killed as process 0 logs step 10, which it saves next: the save's
+  collective fails at once (Gloo: connection reset by peer), and the line
+  process 0 prints names the lost process, not disk space."""
+  status, took, out, run, sid = _kill_one(prepared, tmp_path, 1,
+                                          "--config.checkpoint.every_steps=2")
+  assert status != 0, out
+  assert took < TIMEOUT + 20, (took, out)
+  with open(tmp_path / "logs" / "errors.log") as f:
+    log = f.read()
+  assert "a checkpoint save failed" in log, log[-3000:]  # the kill met the save
+  line, = [l for l in out.splitlines() if l.startswith("[0] capjax")]
+  assert line.startswith("[0] capjax: process 1 of 2 has not been heard from for"), line
+  assert "MiB" not in line and "room" not in line, line
+  _assert_all_gone(run, sid)
 
 
 def test_a_dead_coordinator_stops_the_run_in_one_line(prepared, tmp_path):

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -133,9 +134,16 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False):
       save_interval_steps=0 if read_only else 1,
       enable_async_checkpointing=not read_only, read_only=read_only)
   directory = fs.join(fs.absolute(workdir), "checkpoints")
-  if fs.scheme(directory) == "s3":
+  if fs.scheme(directory) != "s3":
+    return ocp.CheckpointManager(directory, options=options)
+  if not read_only:
     return Mirrored(directory, options, read_only)
-  return ocp.CheckpointManager(directory, options=options)
+  if directory not in _readers:  # one stage a process: load_config, then load_params
+    _readers[directory] = Mirrored(directory, options, read_only)
+  return _readers[directory]
+
+
+_readers: dict[str, "Mirrored"] = {}
 
 
 class Mirrored:
@@ -143,9 +151,11 @@ class Mirrored:
   Orbax saves each step into a local stage; once complete, its files are
   uploaded and then `faults.S3_COMMIT`, so a save or upload killed midway
   leaves a step that no reader lists (and the next writer removes). A
-  restore downloads the step first. Steps older than the oldest Orbax keeps
-  locally are deleted from the bucket, marker first. One process: Orbax
-  needs one folder that every process of a run sees."""
+  restore downloads the items it asks for, each once (eval never fetches
+  the optimiser state); a reader drops the arrays from its stage once they
+  are in memory. Steps older than the oldest Orbax keeps locally are deleted
+  from the bucket, marker first. The stage goes at close(). One process:
+  Orbax needs one folder that every process of a run sees."""
 
   def __init__(self, directory: str, options: ocp.CheckpointManagerOptions, read_only: bool):
     if jax.process_count() > 1:
@@ -153,6 +163,7 @@ class Mirrored:
                        "cannot write S3 from several): use gs://, or a folder every host "
                        "mounts (mountpoint-s3)")
     self.directory = directory
+    self._read_only = read_only
     self._stage = fs.Stage(directory)
     self._local = ocp.CheckpointManager(self._stage.root, options=options)
     self._uploaded = set(self.all_steps())
@@ -212,11 +223,25 @@ class Mirrored:
     self._local.wait_until_finished()
 
   def restore(self, step: int, args: Any) -> Any:
-    if step not in self._local.all_steps():
-      remote = fs.join(self.directory, str(step))
-      fs.copytree(remote, os.path.join(self._stage.root, str(step)), skip=(faults.S3_COMMIT,))
-      self._local.reload()
-    return self._local.restore(step, args=args)
+    local = os.path.join(self._stage.root, str(step))
+    remote = fs.join(self.directory, str(step))
+    fetched = []
+    if not os.path.isdir(local):  # the step's own files (Orbax's metadata), not its items
+      for name in fs.listdir(remote):
+        if name != faults.S3_COMMIT and fs.isfile(fs.join(remote, name)):
+          fs.copy(fs.join(remote, name), os.path.join(local, name))
+    for item in args.keys():
+      if not os.path.isdir(os.path.join(local, item)):
+        fs.copytree(fs.join(remote, item), os.path.join(local, item))
+        fetched.append(item)
+    self._local.reload()
+    try:
+      return self._local.restore(step, args=args)
+    finally:
+      if self._read_only:  # in memory now (or unreadable): no second copy on disk
+        for item in fetched:
+          if not isinstance(args[item], ocp.args.JsonRestore):
+            shutil.rmtree(os.path.join(local, item), ignore_errors=True)
 
   def set_aside(self, step: int, target: str) -> None:
     fs.remove(fs.join(self.directory, str(step), faults.S3_COMMIT))
@@ -227,6 +252,9 @@ class Mirrored:
   def close(self) -> None:
     self.wait_until_finished()
     self._local.close()
+    shutil.rmtree(self._stage.root, ignore_errors=True)
+    if _readers.get(self.directory) is self:
+      del _readers[self.directory]
 
 
 def _save_args(arrays: dict[str, Any], jsons: dict[str, Any]) -> ocp.args.Composite:
@@ -248,6 +276,35 @@ class SaveFailed(OSError):
   temporary folder is gone and the message says what to do."""
 
 
+class PeerLost(SaveFailed):
+  """A checkpoint's collective failed because another process of the run is
+  gone (killed, or its host lost): not a matter of disk space."""
+
+
+# A collective whose other end is gone: Gloo's errors on CPU, the coordination
+# service's on any platform.
+_PEER_LOST = re.compile(r"Gloo \w+ failed|Connection (closed|reset) by peer|[Cc]oordination "
+                        r"service|heartbeat|UNAVAILABLE|DEADLINE_EXCEEDED: Barrier")
+
+
+def _peer_lost(error: BaseException, steps: list[int], workdir: str) -> PeerLost:
+  """The run's peer watch names the lost process and stops this one (it
+  exits from its own thread within its timeout); without a watch, or if it
+  never concludes, the save's own error is reported as a lost peer."""
+  import time
+  from trainer import peers
+
+  logging.getLogger("capjax").error("a checkpoint save failed", exc_info=error)
+  watch = peers.current()
+  if watch is not None:
+    deadline = time.monotonic() + watch.timeout + 4 * watch.interval + 2
+    while time.monotonic() < deadline:  # the watch's os._exit ends this wait
+      time.sleep(0.2)
+  step = f" of step {steps[0]}" if steps else ""
+  return PeerLost(f"checkpoint{step} failed: another process of the run is gone or "
+                  f"unreachable ({_cause(error)}); {faults.resume_hint(workdir)}")
+
+
 def _tmp_folders(mngr: ocp.CheckpointManager) -> list[str]:
   root = str(mngr.directory)
   return [fs.join(root, n) for n in fs.listdir(root) if ".orbax-checkpoint-tmp" in n]
@@ -266,7 +323,10 @@ class Cadence:
 
   def _failed(self, error: BaseException) -> SaveFailed:
     """Removes the failed save's temporary folder (this run's: it holds the
-    directory) and says what failed, the space, and what is kept."""
+    directory) and says what failed, the space, and what is kept. A save
+    that failed because another process is gone is a PeerLost instead."""
+    if jax.process_count() > 1 and any(_PEER_LOST.search(str(e)) for e in _chain(error)):
+      return _peer_lost(error, self._pending[-1:], os.path.dirname(str(self._mngr.directory)))
     if jax.process_index() == 0:
       for path in _tmp_folders(self._mngr):
         fs.rmtree(path)
