@@ -41,7 +41,7 @@ from PIL import Image  # noqa: E402
 
 from bench.memory import peak_memory  # noqa: E402
 from bench.pipeline import photo_like  # noqa: E402
-from pipeline import prepare, records, shards  # noqa: E402
+from pipeline import prepare, records, shards, sources  # noqa: E402
 
 
 def table(folder: str, files: list[str], copies: int) -> str:
@@ -96,7 +96,7 @@ def main():
       Image.fromarray(photo_like(rng)).save(files[-1], quality=90)
     input_bytes = sum(os.path.getsize(f) for f in files)
     small, large = table(tmp, files, 1), table(tmp, files, 4)
-    source = prepare.open_source(large)  # speed over 4N records: start-up a small share
+    source = sources.open_source(large)  # speed over 4N records: start-up a small share
 
     best = {"loop": 0.0, "workers_1": 0.0, "workers_2": 0.0}
     for _ in range(args.repeats):

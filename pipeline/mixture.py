@@ -1,6 +1,6 @@
 """Training mixtures: `data.train` naming several sources, each with a weight.
 
-`data.train` is one source (a string, as `prepare.open_source` takes it) or a
+`data.train` is one source (a string, as `sources.open_source` takes it) or a
 list of `(source, weight)` pairs or `(name, source, weight)` triples; on the
 command line, a string starting with "[" holding such a list. Weights are
 positive and normalised; names (for the metrics) default to each source's
@@ -16,7 +16,7 @@ source's count is within a few samples of its share at every block's end, and
 a block gives each source its quota, the rounding remainders rotating across
 blocks. Each block's places are shuffled by (seed, block); the k-th draw from
 source s is place k of that source's own endless epochs (a fresh order each,
-as loader.EpochOrder gives a single source). Everything follows from (seed,
+as order.EpochOrder gives a single source). Everything follows from (seed,
 g) alone: the process count does not matter, and a resumed stream continues
 exactly.
 """
@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline import loader
+from pipeline.order import EpochOrder
 
 BLOCK = 1000  # places per stratified block (more for over 31 sources)
 _TAG = 0x6D6978  # keeps a mixture's random streams apart from a single source's
@@ -127,27 +127,27 @@ def names(entries: Sequence[tuple[str | None, str, float]]) -> list[str]:
 
 
 def open_source(data_cfg, spec: str):
-  """One source of `data.train`, opened as `prepare.open_split` opens it."""
-  from pipeline import prepare  # heavy imports, not needed by the loader's workers
-  return prepare.open_split(data_cfg, "train", spec)
+  """One source of `data.train`, opened as `sources.open_split` opens it."""
+  from pipeline import sources  # heavy imports, not needed by the loader's workers
+  return sources.open_split(data_cfg, "train", spec)
 
 
 def open_train(data_cfg):
   """The training source of the config: one source, or a Mixture."""
   if not is_mixture(data_cfg.train):
-    from pipeline import prepare
-    return prepare.open_split(data_cfg, "train")
+    from pipeline import sources
+    return sources.open_split(data_cfg, "train")
   entries = parse(data_cfg.train)
   return Mixture([open_source(data_cfg, spec) for _, spec, _ in entries],
                  [w for _, _, w in entries], names(entries))
 
 
 def ids_and_captions(source) -> list[tuple[str, list[str]]]:
-  """`prepare.ids_and_captions`, a mixture's source by source."""
-  from pipeline import prepare
+  """`sources.ids_and_captions`, a mixture's source by source."""
+  from pipeline import sources
   if isinstance(source, Mixture):
-    return [x for s in source.sources for x in prepare.ids_and_captions(s)]
-  return prepare.ids_and_captions(source)
+    return [x for s in source.sources for x in sources.ids_and_captions(s)]
+  return sources.ids_and_captions(source)
 
 
 class Mixture:
@@ -224,7 +224,7 @@ class MixtureOrder:
     self.block = max(BLOCK, len(fractions) ** 2)
     self._seed = seed
     self._offsets = list(offsets)
-    self._epochs = [loader.EpochOrder(n, seed, (_TAG, s)) for s, n in enumerate(sizes)]
+    self._epochs = [EpochOrder(n, seed, (_TAG, s)) for s, n in enumerate(sizes)]
     self._blocks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
   def drawn_before_block(self, b: int) -> np.ndarray:

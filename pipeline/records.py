@@ -20,6 +20,7 @@ from array_record.python import array_record_data_source, array_record_module
 from pipeline import data_cache, fs
 
 MANIFEST = "manifest.json"
+WORK = ".prepare"  # a prepare's plan, per-shard counts and files being written
 
 
 def encode_record(record_id: str, image: bytes, captions: list[str]) -> bytes:

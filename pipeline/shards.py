@@ -27,7 +27,6 @@ import simplejpeg
 from pipeline import fs, images, records
 from pipeline.sources import SourceError, TruncatedInput
 
-WORK = ".prepare"  # plan, per-shard counts and files being written
 EXAMPLES = 3  # records named for each reason they were skipped
 
 
@@ -60,7 +59,7 @@ def encode(rec: dict[str, Any], options: Options) -> tuple[bytes | None, str | N
 
 def _counts_path(out_dir: str, index: int, count: int) -> str:
   name = os.path.basename(records.shard_path(out_dir, index, count))
-  return fs.join(out_dir, WORK, name.replace(".array_record", ".json"))
+  return fs.join(out_dir, records.WORK, name.replace(".array_record", ".json"))
 
 
 Report = Callable[[int, int, int], None]  # (work done, records kept, records skipped)
@@ -70,7 +69,8 @@ def write_shard(out_dir: str, index: int, count: int, unit: Any, options: Option
                 report: Report | None = None, report_every: float = 0.5) -> dict[str, Any]:
   """Writes `unit`, number `index` of `count`, as its shard; returns (and saves) its counts."""
   final = records.shard_path(out_dir, index, count)
-  tmp = os.path.join(fs.scratch() if fs.is_bucket(out_dir) else os.path.join(out_dir, WORK),
+  tmp = os.path.join(fs.scratch() if fs.is_bucket(out_dir)
+                     else os.path.join(out_dir, records.WORK),
                      f"{os.path.basename(final)}.tmp-{os.getpid()}")
   counts: dict[str, Any] = {"unit": unit.key, "name": unit.name, "records": 0, "captions": 0,
                             "skipped": {}, "skipped_examples": {}, "truncated": {}}
@@ -115,7 +115,7 @@ def write_shard(out_dir: str, index: int, count: int, unit: Any, options: Option
 
 def _ours(out_dir: str) -> bool:
   """Holds nothing but what prepare writes."""
-  return all(name in (WORK, records.MANIFEST) or records.is_shard(name)
+  return all(name in (records.WORK, records.MANIFEST) or records.is_shard(name)
              for name in fs.listdir(out_dir))
 
 
@@ -124,7 +124,7 @@ def _clear(out_dir: str) -> None:
   for name in fs.listdir(out_dir):
     if records.is_shard(name):
       fs.remove(fs.join(out_dir, name))
-  fs.rmtree(fs.join(out_dir, WORK))
+  fs.rmtree(fs.join(out_dir, records.WORK))
 
 
 def plan(source: Any, units: Sequence[Any], options: Options) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def plan(source: Any, units: Sequence[Any], options: Options) -> dict[str, Any]:
 def start(out_dir: str, the_plan: dict[str, Any], units: Sequence[Any]) -> list[int]:
   """Readies `out_dir` for `the_plan`; returns the shards already written."""
   if fs.isdir(out_dir):
-    plan_file = fs.join(out_dir, WORK, "plan.json")
+    plan_file = fs.join(out_dir, records.WORK, "plan.json")
     old = json.loads(fs.read_text(plan_file)) if fs.isfile(plan_file) else None
     if old != the_plan:
       if not _ours(out_dir):
@@ -144,11 +144,11 @@ def start(out_dir: str, the_plan: dict[str, Any], units: Sequence[Any]) -> list[
       _clear(out_dir)
   elif fs.exists(out_dir):
     raise SourceError(f"--out {out_dir}: exists and is not a folder")
-  fs.makedirs(fs.join(out_dir, WORK))
-  fs.write_text(fs.join(out_dir, WORK, "plan.json"), json.dumps(the_plan, indent=1))
-  for name in fs.listdir(fs.join(out_dir, WORK)):
+  fs.makedirs(fs.join(out_dir, records.WORK))
+  fs.write_text(fs.join(out_dir, records.WORK, "plan.json"), json.dumps(the_plan, indent=1))
+  for name in fs.listdir(fs.join(out_dir, records.WORK)):
     if ".tmp-" in name:  # a killed run's
-      fs.remove(fs.join(out_dir, WORK, name))
+      fs.remove(fs.join(out_dir, records.WORK, name))
   present = set(fs.listdir(out_dir))
   done = []
   for i, unit in enumerate(units):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import loader, prepare, tokenizer, transforms
+from pipeline import loader, order, sources, tokenizer, transforms
 from tests.conftest import REPO, TINY_CONFIG, Output
 from trainer import config, train
 
@@ -19,7 +19,7 @@ def test_restored_iterator_yields_the_same_batches(prepared, tmp_path, workers):
   cfg = config.load(TINY_CONFIG, [f"config.data.train={prepared['train']}",
                                   f"config.data.worker_count={workers}",
                                   "config.data.crop_scale=0.5"])
-  src = prepare.open_split(cfg.data, "train")
+  src = sources.open_split(cfg.data, "train")
   tok_dir = str(tmp_path / "tok")
   tok = tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
   d = cfg.model.decoder
@@ -40,9 +40,9 @@ def test_restored_iterator_yields_the_same_batches(prepared, tmp_path, workers):
   assert not np.array_equal(straight[0]["image"], straight[1]["image"])
 
 
-@pytest.mark.parametrize("limit", [loader.PERMUTATION_LIMIT, 0])  # numpy orders; Grain's shuffle
+@pytest.mark.parametrize("limit", [order.PERMUTATION_LIMIT, 0])  # numpy orders; Grain's shuffle
 def test_global_batches_do_not_depend_on_process_count(monkeypatch, limit):
-  monkeypatch.setattr(loader, "PERMUTATION_LIMIT", limit)
+  monkeypatch.setattr(order, "PERMUTATION_LIMIT", limit)
   records = [f"r{i}" for i in range(10)]
 
   def global_batches(processes):
@@ -67,7 +67,7 @@ def test_state_restores_onto_other_process_and_worker_counts(prepared, tmp_path)
   without workers, at the very next global batch."""
   tok_dir = str(tmp_path / "tok")
   tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
-  src = prepare.open_source(prepared["train"])
+  src = sources.open_source(prepared["train"])
   make_batch = transforms.TrainBatch(32, tok_dir, 12, 2, crop_scale=0.5, seed=1)
   one = loader.train_stream(src, make_batch, 8, 1, workers=2)
   for _ in range(5):
@@ -90,7 +90,7 @@ def test_examples_are_the_same_however_the_work_is_split(prepared, tmp_path):
   """Random crops and caption choices follow the example, not the process."""
   tok_dir = str(tmp_path / "tok")
   tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
-  src = prepare.open_source(prepared["train"])
+  src = sources.open_source(prepared["train"])
   make_batch = transforms.TrainBatch(32, tok_dir, 12, 2, crop_scale=0.5, seed=5)
 
   def batches(process_index, process_count):
@@ -114,7 +114,7 @@ def test_worker_images_come_through_the_ring_unchanged(prepared, tmp_path):
   times, and every batch as the in-process stream builds it."""
   tok_dir = str(tmp_path / "tok")
   tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
-  src = prepare.open_source(prepared["train"])
+  src = sources.open_source(prepared["train"])
   make_batch = transforms.TrainBatch(32, tok_dir, 12, 2, crop_scale=0.5, seed=2)
   before = _ring_files()
   worker = loader.train_stream(src, make_batch, 8, 3, workers=1, prefetch=1)
@@ -154,7 +154,7 @@ def test_ring_removed_when_the_process_is_killed(tmp_path):
 def test_no_room_for_the_ring_falls_back_to_grain(prepared, tmp_path, monkeypatch, caplog):
   tok_dir = str(tmp_path / "tok")
   tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
-  src = prepare.open_source(prepared["train"])
+  src = sources.open_source(prepared["train"])
   make_batch = transforms.TrainBatch(32, tok_dir, 12, 1, seed=2)
   before = _ring_files()
 

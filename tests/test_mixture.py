@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import loader, mixture, records, tokenizer, transforms
+from pipeline import loader, mixture, order, records, tokenizer, transforms
 from tests.conftest import TINY_CONFIG, train_tiny
 from trainer import checkpoint, config
 
@@ -60,9 +60,9 @@ def test_counts_equal_counting_the_places_one_by_one():
   np.testing.assert_array_equal(fresh.counts(3500), running)  # random access, no history
 
 
-@pytest.mark.parametrize("limit", [loader.PERMUTATION_LIMIT, 0])  # numpy orders; Grain's shuffle
+@pytest.mark.parametrize("limit", [order.PERMUTATION_LIMIT, 0])  # numpy orders; Grain's shuffle
 def test_global_batches_do_not_depend_on_process_count(monkeypatch, limit):
-  monkeypatch.setattr(loader, "PERMUTATION_LIMIT", limit)
+  monkeypatch.setattr(order, "PERMUTATION_LIMIT", limit)
   mix = mixture.Mixture(_lists((13, 7, 29)), [0.5, 0.3, 0.2], ["a", "b", "c"])
 
   def global_batches(processes, batches=range(40)):

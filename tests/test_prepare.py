@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import images, prepare, records, transforms
+from pipeline import images, prepare, records, sources, transforms
 from tests.conftest import run_capjax
 
 
@@ -65,7 +65,7 @@ def test_bad_table_names_the_column(tmp_path):
   path = tmp_path / "t.jsonl"
   path.write_text(json.dumps({"image": "x.jpg"}) + "\n")
   with pytest.raises(prepare.SourceError, match=r"t.jsonl: record 1 has no column 'caption'"):
-    prepare.open_source(str(path))
+    sources.open_source(str(path))
   proc = run_capjax("prepare", str(path), "--out", str(tmp_path / "o"), check=False)
   assert proc.returncode != 0
   assert proc.stderr.strip().count("\n") == 0 and "no column 'caption'" in proc.stderr

@@ -14,7 +14,7 @@ import pytest
 import simplejpeg
 
 from bench.memory import peak_memory
-from pipeline import images, prepare, records
+from pipeline import images, prepare, records, sources
 from tests.conftest import REPO, run_capjax
 
 
@@ -80,7 +80,7 @@ def test_killed_prepare_resumes_to_identical_shards(tmp_path, workers):
 
 def test_prepare_again_reuses_or_starts_over(tmp_path):
   table, _ = _noise_table(tmp_path, 24, h=32, w=32)
-  source = prepare.open_source(str(table))
+  source = sources.open_source(str(table))
   out = tmp_path / "out"
   first = prepare.prepare(source, str(out), num_shards=3, workers=1, progress_every=0)
   before = _shards(out)
@@ -101,7 +101,7 @@ def test_prepare_again_reuses_or_starts_over(tmp_path):
 def test_one_worker_writes_what_two_write(tmp_path):
   table, _ = _noise_table(tmp_path, 30, h=32, w=32)
   (tmp_path / "img" / "00007.jpg").write_bytes(b"not a jpeg")
-  source = prepare.open_source(str(table))
+  source = sources.open_source(str(table))
   one = prepare.prepare(source, str(tmp_path / "one"), num_shards=4, workers=1)
   two = prepare.prepare(source, str(tmp_path / "two"), num_shards=4, workers=2)
   assert one == two and one["records"] == 29 and sum(one["skipped"].values()) == 1
@@ -111,7 +111,7 @@ def test_one_worker_writes_what_two_write(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_progress_lines(tmp_path, capfd, workers):
   table, _ = _noise_table(tmp_path, 40, h=32, w=32)
-  prepare.prepare(prepare.open_source(str(table)), str(tmp_path / "out"), num_shards=4,
+  prepare.prepare(sources.open_source(str(table)), str(tmp_path / "out"), num_shards=4,
                   workers=workers, progress_every=0)
   err = capfd.readouterr().err
   lines = [line for line in err.splitlines() if line.startswith("prepare: ")]
@@ -143,7 +143,7 @@ def test_beam_runner_writes_what_the_local_runner_writes(tmp_path):
   pytest.importorskip("apache_beam")
   table, _ = _noise_table(tmp_path, 30, h=32, w=32)
   (tmp_path / "img" / "00007.jpg").write_bytes(b"not a jpeg")
-  source = prepare.open_source(str(table))
+  source = sources.open_source(str(table))
   local = prepare.prepare(source, str(tmp_path / "local"), num_shards=4, workers=2)
   beam = prepare.prepare(source, str(tmp_path / "beam"), num_shards=4, workers=2,
                          runner="beam")
@@ -155,7 +155,7 @@ def test_beam_runner_writes_what_the_local_runner_writes(tmp_path):
 def test_a_unit_carries_only_its_own_rows(tmp_path):
   """A worker is handed its unit's rows, not the whole table."""
   table, _ = _noise_table(tmp_path, 40, h=16, w=16)
-  source = prepare.open_source(str(table))
+  source = sources.open_source(str(table))
   units = prepare.sources.units(source, 8)
   assert [len(u.source) for u in units] == [5] * 8
   assert [rec for u in units for _, rec in u.read()] == [source[i] for i in range(40)]
@@ -169,9 +169,9 @@ def test_workers_do_not_import_the_main_script_again(tmp_path):
   (tmp_path / "heavy.py").write_text(
       f"import os\nwith open({str(log)!r}, 'a') as f:\n  f.write(f'{{os.getpid()}}\\n')\n")
   (tmp_path / "script.py").write_text(
-      "import sys\nimport heavy\nfrom pipeline import prepare\n"
+      "import sys\nimport heavy\nfrom pipeline import prepare, sources\n"
       "if __name__ == '__main__':\n"
-      f"  prepare.prepare(prepare.open_source({str(table)!r}), {str(tmp_path / 'out')!r},"
+      f"  prepare.prepare(sources.open_source({str(table)!r}), {str(tmp_path / 'out')!r},"
       " num_shards=4, workers=2)\n")
   env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
   proc = subprocess.run([sys.executable, str(tmp_path / "script.py")], env=env,

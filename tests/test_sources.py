@@ -40,10 +40,10 @@ def _check(source, expected: dict, paths=True):
 
 def test_coco_and_prepared(synthetic_coco, prepared):
   _, caps = _coco_records(synthetic_coco)
-  src = prepare.open_source(str(synthetic_coco / "annotations" / "captions_train.json"),
+  src = sources.open_source(str(synthetic_coco / "annotations" / "captions_train.json"),
                             images=str(synthetic_coco / "train"))
   _check(src, caps)
-  _check(prepare.open_source(prepared["train"]), caps)
+  _check(sources.open_source(prepared["train"]), caps)
 
 
 def test_karpathy_splits(synthetic_coco, tmp_path):
@@ -61,11 +61,11 @@ def test_karpathy_splits(synthetic_coco, tmp_path):
     expected[split][str(im["id"])] = caps[str(im["id"])]
   path = tmp_path / "dataset_coco.json"
   path.write_text(json.dumps({"images": images, "dataset": "coco"}))
-  _check(prepare.open_source(str(path), images=str(root), split="train+restval"),
+  _check(sources.open_source(str(path), images=str(root), split="train+restval"),
          {**expected["train"], **expected["restval"]})
-  _check(prepare.open_source(str(path), images=str(root), split="test"), expected["test"])
+  _check(sources.open_source(str(path), images=str(root), split="test"), expected["test"])
   with pytest.raises(prepare.SourceError, match="unknown split 'dev'"):
-    prepare.open_source(str(path), images=str(root), split="dev")
+    sources.open_source(str(path), images=str(root), split="dev")
   proc = run_capjax("prepare", str(path), "--images", str(root), "--split", "test",
                     "--out", str(tmp_path / "test"))
   assert json.loads(proc.stdout.strip().splitlines()[-1])["records"] == 4
@@ -109,7 +109,7 @@ def test_tfds_data_source(synthetic_coco, tmp_path):
   data_dir = tmp_path / "tfds"
   _tfds_builder()(chosen, data_dir=str(data_dir), file_format="array_record"
                   ).download_and_prepare()
-  src = prepare.open_source("tfds:tiny_coco_captions", split="train", data_dir=str(data_dir))
+  src = sources.open_source("tfds:tiny_coco_captions", split="train", data_dir=str(data_dir))
   _check(src, {k: v for k, (_, v) in chosen.items()})
   proc = run_capjax("prepare", "tfds:tiny_coco_captions", "--data-dir", str(data_dir),
                     "--out", str(tmp_path / "prepared"), "--resize-shorter", "24",
@@ -141,7 +141,7 @@ def test_hf_datasets_folder(synthetic_coco, tmp_path):
       "image": [str(synthetic_coco / "train" / im["file_name"]) for im in ims],
       "caption": [caps[str(im["id"])] for im in ims]}).cast_column("image", datasets.Image())
   datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
-  src = prepare.open_source(f"hf:{tmp_path / 'hf'}", split="train")
+  src = sources.open_source(f"hf:{tmp_path / 'hf'}", split="train")
   _check(src, {str(n): caps[str(im["id"])] for n, im in enumerate(ims)})
 
 
@@ -245,7 +245,7 @@ def test_loader_bad_record_policy(tmp_path):
 
   tok_dir = str(tmp_path / "tok")
   tokenizer.train_bpe(["caption of a picture"] * 10, 280, tok_dir)
-  src = prepare.open_source(str(_bad_files(tmp_path)))
+  src = sources.open_source(str(_bad_files(tmp_path)))
   skip = transforms.TrainBatch(32, tok_dir, 8, 2, bad_records="skip")
   fail = transforms.TrainBatch(32, tok_dir, 8, 2, bad_records="fail")
   out = skip.map(list(enumerate(src[i] for i in range(len(src)))))

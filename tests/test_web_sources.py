@@ -476,7 +476,7 @@ def test_prepare_hf_parquet(tmp_path):
 
 
 def test_training_names_sequential_sources_as_prepare_input(tmp_path):
-  from pipeline import prepare
+  from pipeline import sources
   from tests.tiny_config import get_config
 
   _webdataset(tmp_path / "wds")
@@ -484,4 +484,4 @@ def test_training_names_sequential_sources_as_prepare_input(tmp_path):
   cfg.data.train = str(tmp_path / "wds")
   with pytest.raises(SourceError, match=r"data.train: WebDatasetSource\(.*\) is read file by "
                      r"file; run `capjax prepare` on it"):
-    prepare.open_split(cfg.data, "train")
+    sources.open_split(cfg.data, "train")

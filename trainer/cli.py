@@ -176,9 +176,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args) -> int:
-  from pipeline import prepare
+  from pipeline import prepare, sources
 
-  source = prepare.open_source(
+  source = sources.open_source(
       args.source, args.images, args.split, args.image_column, args.caption_column,
       args.data_dir, args.image_key, args.captions_key, args.id_key, args.id_column)
   summary = prepare.prepare(source, args.out, args.num_shards, args.workers,

@@ -19,7 +19,7 @@ import cv2
 import jax
 import numpy as np
 
-from pipeline import fs, images, mixture, prepare, synthetic, transforms
+from pipeline import fs, images, mixture, sources, synthetic, transforms
 from trainer import generate, sharding
 from trainer.metrics import caption_metrics
 from trainer.inference import TrainedCaptioner
@@ -53,7 +53,7 @@ def evaluate_model(model: TrainedCaptioner, split: str | None = None,
   from jax.experimental import multihost_utils
 
   cfg = model.cfg
-  source = prepare.open_source(split) if split else prepare.open_split(cfg.data, "eval")
+  source = sources.open_source(split) if split else sources.open_split(cfg.data, "eval")
   procs, me = jax.process_count(), jax.process_index()
   local_bs, bounds, num_batches = _shares(len(source), cfg.eval.batch_size)
   size = cfg.data.image_size
@@ -113,7 +113,7 @@ def _score_and_write(model: TrainedCaptioner, source, tokens: dict[int, list[int
                      seconds: float, extra: dict[str, float] | None = None) -> dict[str, Any]:
   cfg = model.cfg
   out_dir = out_dir or model.workdir
-  meta = prepare.ids_and_captions(source)
+  meta = sources.ids_and_captions(source)
   assert len(tokens) + len(skipped) == len(meta), "every record once"
   order = sorted(tokens)
   texts = generate.decode_text(model.tok, np.asarray([tokens[i] for i in order]), model.eos) \
@@ -181,7 +181,7 @@ def eval_loss(params, graphdef, cfg, mesh, tokenizer_dir: str) -> dict[str, floa
   record once over all processes, `data.captions_per_image` captions each)."""
   from trainer import step as step_lib
 
-  source = prepare.open_split(cfg.data, "eval")
+  source = sources.open_split(cfg.data, "eval")
   make_batch = transforms.TrainBatch.from_config(cfg, tokenizer_dir, random_crops=False)
   me = jax.process_index()
   local_bs, bounds, num_batches = _shares(len(source), cfg.eval.batch_size)
