@@ -29,6 +29,7 @@ def get_config() -> ConfigDict:
       image_column="image", caption_column="caption"))  # tables, hf
   c.data.image_size = 64
   c.data.resize = "crop"  # shorter side + centre crop, or "squash"
+  c.data.crop_fraction = 1.0  # "crop": the centre square's share of the shorter side
   c.data.resample = "auto"  # area to shrink 2x+, bilinear less, bicubic to enlarge; or a filter
   c.data.crop_scale = 0.0  # >0: random resized crops of this much to all of the area (training)
   c.data.bad_records = "skip"  # unusable records: "skip" (counted in the metrics) or "fail"
@@ -60,8 +61,10 @@ def get_config() -> ConfigDict:
                                  targets=r"(query|key|value|out|fc|proj)$"))
   c.model.image_mean = (0.5, 0.5, 0.5)
   c.model.image_std = (0.5, 0.5, 0.5)
+  # model_type: vit, deit, clip_vision_model, siglip_vision_model, dinov2 or
+  # dinov2_with_registers (trainer/models/vit.py); import-hf fills it in.
   c.model.encoder = ConfigDict(dict(
-      hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+      model_type="vit", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
       intermediate_size=512, image_size=64, patch_size=8,
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
   c.model.decoder = ConfigDict(dict(

@@ -147,18 +147,21 @@ def _resize(img: np.ndarray, size: int, resample: str,
 
 def decode_and_resize(data: bytes, size: int, mode: str = "crop", resample: str = "auto",
                       rng: np.random.Generator | None = None, crop_scale: float = 0.0,
-                      out: np.ndarray | None = None) -> np.ndarray:
+                      out: np.ndarray | None = None, crop_fraction: float = 1.0) -> np.ndarray:
   """Encoded image to uint8 [size, size, 3], written into `out` if given.
 
-  mode "crop": shorter side to `size`, then the centre square; "squash": the
-  whole image to `size` x `size`. With `rng` and `crop_scale` > 0 (training),
-  a random resized crop instead: a region of `crop_scale` to all of the area,
-  aspect ratio 3/4 to 4/3. resample "auto": area averaging to shrink by 2x or
+  mode "crop": the centre square, `crop_fraction` of the shorter side, to
+  `size` (a processor's resize of the shorter side to S then centre crop C
+  is C / S); "squash": the whole image to `size` x `size`. With `rng` and
+  `crop_scale` > 0 (training), a random resized crop instead: a region of
+  `crop_scale` to all of the area, aspect ratio 3/4 to 4/3. resample "auto": area averaging to shrink by 2x or
   more, bilinear by less, bicubic to enlarge; or one of RESAMPLE's filters.
   Never flipped: captions say left and right.
   """
   if mode not in ("crop", "squash"):
     raise ValueError(f"data.resize: unknown mode {mode!r} (crop or squash)")
+  if not 0.0 < crop_fraction <= 1.0:
+    raise ValueError(f"data.crop_fraction: {crop_fraction} is not in (0, 1]")
   if rng is not None and crop_scale > 0:
     img = decode_image(data, int(np.ceil(size / np.sqrt(crop_scale))))
     h, w = img.shape[:2]
@@ -168,10 +171,10 @@ def decode_and_resize(data: bytes, size: int, mode: str = "crop", resample: str 
     cw = int(min(w, max(1, round(np.sqrt(area * ratio)))))
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
     return _resize(img[top:top + ch, left:left + cw], size, resample, out)
-  img = decode_image(data, size)
+  img = decode_image(data, int(np.ceil(size / crop_fraction)) if mode == "crop" else size)
   h, w = img.shape[:2]
   if mode == "crop":
-    side = min(h, w)
+    side = max(1, int(round(min(h, w) * crop_fraction)))
     top, left = (h - side) // 2, (w - side) // 2
     img = img[top:top + side, left:left + side]
   return _resize(img, size, resample, out)

@@ -63,7 +63,7 @@ class TrainBatch(grain.transforms.Map):
   def __init__(self, image_size: int, tokenizer_dir: str, max_length: int,
                captions_per_image: int, resize: str = "crop", resample: str = "auto",
                special: tuple[int, int, int] | None = None, crop_scale: float = 0.0,
-               bad_records: str = "skip", seed: int = 0):
+               bad_records: str = "skip", seed: int = 0, crop_fraction: float = 1.0):
     if bad_records not in ("skip", "fail"):
       raise ValueError(f"data.bad_records: {bad_records!r} is not skip or fail")
     self.image_size = image_size
@@ -74,6 +74,7 @@ class TrainBatch(grain.transforms.Map):
     self.resize = resize
     self.resample = resample
     self.crop_scale = crop_scale
+    self.crop_fraction = crop_fraction
     self.bad_records = bad_records
     self.seed = seed
     self._tok = None
@@ -86,7 +87,8 @@ class TrainBatch(grain.transforms.Map):
     d, dec = cfg.data, cfg.model.decoder
     return cls(d.image_size, tokenizer_dir, d.max_length, d.captions_per_image, d.resize,
                d.resample, (dec.bos_token_id, dec.eos_token_id, dec.pad_token_id),
-               d.crop_scale if random_crops else 0.0, d.bad_records, cfg.seed)
+               d.crop_scale if random_crops else 0.0, d.bad_records, cfg.seed,
+               d.get("crop_fraction", 1.0))
 
   def __getstate__(self):
     return {**self.__dict__, "_tok": None, "_lock": None}
@@ -113,7 +115,7 @@ class TrainBatch(grain.transforms.Map):
       if not caps:
         raise BadImage("no captions")
       decode_and_resize(record["image"], self.image_size, self.resize, self.resample, rng,
-                        self.crop_scale, out=image)
+                        self.crop_scale, out=image, crop_fraction=self.crop_fraction)
     except BadImage as e:
       where = f"record {record.get('id')!r}" + (f" ({record['path']})" if "path" in record else "")
       if self.bad_records == "fail":

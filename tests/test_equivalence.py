@@ -1,6 +1,7 @@
 """One config, the same numbers however it is laid out: 20 steps of the demo
 model give the same per-step losses on 1 device, on 8 devices as data=8 and
-as data=2 fsdp=2 tensor=2, and on 2 processes x 4 devices."""
+as data=2 fsdp=2 tensor=2, and on 2 processes x 4 devices; and so does the
+demo with a DINOv2 encoder, sharded."""
 
 import json
 import os
@@ -54,3 +55,30 @@ def test_two_processes_of_four_devices_match_one(prepared, one_device, tmp_path)
   assert f"[0] step {STEPS}/{STEPS}" in proc.stdout and "[1] " in proc.stdout
   assert os.listdir(tmp_path / "checkpoints") == [str(STEPS)]
   np.testing.assert_allclose(_losses(tmp_path), one_device, rtol=1e-5)
+
+
+DINOV2 = """from configs import demo
+
+def get_config():
+  c = demo.get_config()
+  c.model.encoder.update(model_type="dinov2_with_registers", num_register_tokens=2,
+                         use_swiglu_ffn=True, mlp_ratio=4, layerscale_value=0.5)
+  return c
+"""
+
+
+def test_a_dinov2_encoder_sharded_matches_one_device(prepared, tmp_path):
+  """The encoder family furthest from ViT (registers, layer scale, SwiGLU),
+  trained as data=2 fsdp=2 tensor=2: the losses of one device."""
+  config = tmp_path / "dinov2.py"
+  config.write_text(DINOV2)
+  losses = []
+  for name, mesh, devices in (("one", (), 1), ("sharded", ("--config.mesh.data=2",
+                              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"), 8)):
+    args = _args(prepared, tmp_path / name, *mesh)
+    args[args.index("demo")] = str(config)
+    run_capjax(*args, env=_devices(devices))
+    with open(tmp_path / name / "config.json") as f:
+      assert json.load(f)["model"]["encoder"]["model_type"] == "dinov2_with_registers"
+    losses.append(_losses(tmp_path / name))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

@@ -41,19 +41,19 @@ def _scan(on):
   return [f"config.model.scan_layers={str(on).lower()}"]
 
 
-def _hf_model(tmp_path, enc, dec, seed=0, eos_boost=0.0):
+def _hf_model(tmp_path, enc, dec, seed=0, eos_boost=0.0, enc_cls=None):
   tok = tokenizer_lib.train_bpe(CAPTIONS, 280, str(tmp_path / "tok"))
   bos, eos, pad = tokenizer_lib.special_ids(tok)
   torch.manual_seed(seed)
   config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-      transformers.ViTConfig(**enc),
+      (enc_cls or transformers.ViTConfig)(**enc),
       transformers.GPT2Config(vocab_size=len(tok), n_positions=32, bos_token_id=bos,
                               eos_token_id=eos, add_cross_attention=True, is_decoder=True, **dec))
   config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = bos, pad, eos
   model = transformers.VisionEncoderDecoderModel(config).eval()
   with torch.no_grad():  # random LayerNorm and bias values too, not just ones and zeros
     for name, p in model.named_parameters():
-      if "ln" in name or "layernorm" in name or name.endswith("bias"):
+      if "ln" in name or "norm" in name or "layer_scale" in name or name.endswith("bias"):
         p.add_(torch.randn_like(p) * 0.1)
     # Raise EOS's logit everywhere, so that decoding meets it at varied steps.
     e = model.decoder.transformer.wte.weight[eos]
@@ -65,6 +65,31 @@ def _hf_model(tmp_path, enc, dec, seed=0, eos_boost=0.0):
                                  image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]
                                  ).save_pretrained(folder)
   return model, folder
+
+
+def _imported(tmp_path, folder, image_size, scan):
+  """The HF folder imported (layers stacked or not), loaded in the other layout."""
+  importer.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
+                     overrides=_scan(scan[0]))
+  return _load(tmp_path / "run", _scan(scan[1]))
+
+
+def assert_logits_and_loss_match(hf, graphdef, params, images, ids, pixels, **encoder_kwargs):
+  """Teacher-forced logits within 1e-4 and the loss within 1e-5 relative
+  (the last three positions padding, ignored by both)."""
+  model = nnx.merge(graphdef, params)
+  ours = np.asarray(model(jnp.asarray(images), jnp.asarray(ids)[:, None]))[:, 0]
+  labels = np.roll(ids, -1, axis=1)
+  labels[:, -3:] = -100
+  with torch.no_grad():
+    out = hf(pixel_values=pixels, decoder_input_ids=torch.from_numpy(ids).long(),
+             labels=torch.from_numpy(labels).long(), **encoder_kwargs)
+  np.testing.assert_allclose(ours, out.logits.numpy(), atol=1e-4, rtol=0)
+  batch = {"image": jnp.asarray(images), "input_ids": jnp.asarray(ids)[:, None],
+           "labels": jnp.asarray(np.maximum(labels, 0))[:, None],
+           "loss_mask": jnp.asarray(labels >= 0, jnp.float32)[:, None]}
+  loss, _ = loss_fn(params, graphdef, batch)
+  assert float(loss) == pytest.approx(out.loss.item(), rel=1e-5)
 
 
 def _load(run_dir, overrides=()):
@@ -84,30 +109,15 @@ def _inputs(cfg, size, batch=3, length=9, seed=0):
 @pytest.mark.parametrize("name, enc, dec, image_size, scan", CASES, ids=[c[0] for c in CASES])
 def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, image_size, scan):
   hf, folder = _hf_model(tmp_path, enc, dec)
-  importer.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
-                     overrides=_scan(scan[0]))
-  cfg, graphdef, params = _load(tmp_path / "run", _scan(scan[1]))
+  cfg, graphdef, params = _imported(tmp_path, folder, image_size, scan)
   assert cfg.model.scan_layers == scan[1]
   size = image_size or enc["image_size"]
   assert cfg.data.image_size == size and cfg.data.resize == "squash"
   assert tuple(cfg.model.image_mean) == pytest.approx((0.4, 0.5, 0.6))
   images, ids, pixels = _inputs(cfg, size)
   model = nnx.merge(graphdef, params)
-
-  ours = np.asarray(model(jnp.asarray(images), jnp.asarray(ids)[:, None]))[:, 0]
-  labels = np.roll(ids, -1, axis=1)
-  labels[:, -3:] = -100  # padding, ignored by both
-  with torch.no_grad():
-    out = hf(pixel_values=pixels, decoder_input_ids=torch.from_numpy(ids).long(),
-             labels=torch.from_numpy(labels).long(),
-             interpolate_pos_encoding=image_size is not None)
-  np.testing.assert_allclose(ours, out.logits.numpy(), atol=1e-4, rtol=0)
-
-  batch = {"image": jnp.asarray(images), "input_ids": jnp.asarray(ids)[:, None],
-           "labels": jnp.asarray(np.maximum(labels, 0))[:, None],
-           "loss_mask": jnp.asarray(labels >= 0, jnp.float32)[:, None]}
-  loss, _ = loss_fn(params, graphdef, batch)
-  assert float(loss) == pytest.approx(out.loss.item(), rel=1e-5)
+  assert_logits_and_loss_match(hf, graphdef, params, images, ids, pixels,
+                               interpolate_pos_encoding=image_size is not None)
 
   bos, eos, pad = (cfg.model.decoder.bos_token_id, cfg.model.decoder.eos_token_id,
                    cfg.model.decoder.pad_token_id)
@@ -122,9 +132,7 @@ def test_logits_loss_and_greedy_match_transformers(tmp_path, name, enc, dec, ima
 @pytest.mark.parametrize("name, enc, dec, image_size, scan", CASES, ids=[c[0] for c in CASES])
 def test_beam_search_matches_transformers(tmp_path, name, enc, dec, image_size, scan):
   hf, folder = _hf_model(tmp_path, enc, dec, seed=4, eos_boost=4.0)
-  importer.import_hf(str(tmp_path / "run"), hf_dir=str(folder), image_size=image_size,
-                     overrides=_scan(scan[0]))
-  cfg, graphdef, params = _load(tmp_path / "run", _scan(scan[1]))
+  cfg, graphdef, params = _imported(tmp_path, folder, image_size, scan)
   model = nnx.merge(graphdef, params)
   images, _, pixels = _inputs(cfg, image_size or enc["image_size"], batch=6, seed=5)
   d = cfg.model.decoder

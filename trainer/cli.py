@@ -143,14 +143,18 @@ def _parser() -> argparse.ArgumentParser:
                  "ROUGE-Lsum x100 through rouge_score, as the old Flax script reported them")
   s.add_argument("--out", help="also write the JSON object to this file (local, gs:// or s3://)")
 
-  s = sub.add_parser("import-hf", help="a Hugging Face ViT + GPT-2 checkpoint to a capjax run directory",
-                     description="Reads a VisionEncoderDecoderModel folder (HF_DIR), or a ViT "
+  s = sub.add_parser("import-hf", help="a Hugging Face captioner (ViT, DeiT, CLIP, SigLIP or "
+                     "DINOv2 encoder + GPT-2) to a capjax run directory",
+                     description="Reads a VisionEncoderDecoderModel folder (HF_DIR), or an "
                      "encoder and a GPT-2 decoder (cross-attention newly initialised), with "
                      "their tokenizer and image processor settings; safetensors weights (a .bin "
                      "only through PyTorch's weights_only loader). The other config sections "
                      "come from --config, overridable with --config.KEY=VALUE.")
   s.add_argument("hf_dir", nargs="?", help="VisionEncoderDecoderModel folder")
-  s.add_argument("--encoder", help="ViT model folder (with --decoder)")
+  s.add_argument("--encoder", help="encoder model folder, by its config.json's model_type: "
+                 "vit, deit, clip_vision_model, siglip_vision_model, dinov2, "
+                 "dinov2_with_registers, or a whole clip or siglip model (its vision tower "
+                 "is taken) (with --decoder)")
   s.add_argument("--decoder", help="GPT-2 model folder, with the tokenizer (with --encoder)")
   s.add_argument("--out", required=True, help="run directory to write: local (replaced when "
                  "complete), or a new folder in gs:// or s3:// (complete with its checkpoint)")
@@ -314,7 +318,8 @@ def _import_hf(args, overrides) -> int:
       raise FileNotFoundError(f"{folder}: no such directory")
   cfg = importer.import_hf(args.out, args.hf_dir, args.encoder, args.decoder, args.config,
                            overrides, args.image_size)
-  print(f"wrote {args.out}: ViT {cfg.model.encoder.num_hidden_layers} x "
+  print(f"wrote {args.out}: {cfg.model.encoder.model_type} "
+        f"{cfg.model.encoder.num_hidden_layers} x "
         f"{cfg.model.encoder.hidden_size}, GPT-2 {cfg.model.decoder.n_layer} x "
         f"{cfg.model.decoder.n_embd}, images {cfg.data.image_size}px")
   return 0

@@ -44,7 +44,8 @@ class TrainedCaptioner:
 
     def one(data):
       try:
-        return images.decode_and_resize(data, d.image_size, d.resize, d.resample)
+        return images.decode_and_resize(data, d.image_size, d.resize, d.resample,
+                                        crop_fraction=d.get("crop_fraction", 1.0))
       except images.BadImage as e:
         return e
 

@@ -76,6 +76,7 @@ def inherit_from_checkpoint(cfg: ConfigDict, overrides: list[str]) -> ConfigDict
   cfg.model.image_std = tuple(saved.model.image_std)
   for key in ("image_size", "resize", "resample"):
     cfg.data[key] = saved.data[key]
+  cfg.data.crop_fraction = saved.data.get("crop_fraction", 1.0)
   cfg.tokenizer.path = fs.join(workdir, "tokenizer")
   return config_lib.apply_overrides(cfg, overrides)
 

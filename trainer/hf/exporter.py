@@ -7,6 +7,7 @@ written apart in `peft`'s format (`--peft`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,8 +33,7 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
   `peft` kept apart: the base weights in `out_dir` and the adapters in
   `out_dir/adapter`, which `peft.PeftModel.from_pretrained` loads onto them."""
   from safetensors.numpy import save_file
-  from transformers import (GenerationConfig, GPT2Config as HFGPT2Config, ViTConfig as HFViTConfig,
-                            ViTImageProcessor, VisionEncoderDecoderConfig)
+  from transformers import GenerationConfig, GPT2Config as HFGPT2Config, VisionEncoderDecoderConfig
 
   # Hugging Face holds one tensor a layer: restore into that layout.
   r = params_lib.restore(checkpoint_path, ["config.model.scan_layers=false"])
@@ -53,17 +53,13 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
   bos, eos, pad = dec.bos_token_id, dec.eos_token_id, dec.pad_token_id
   hf_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-      HFViTConfig(**cfg.model.encoder.to_dict()),
+      encoder_config(enc),
       HFGPT2Config(**cfg.model.decoder.to_dict(), add_cross_attention=True, is_decoder=True))
   hf_config.decoder_start_token_id = bos
   hf_config.pad_token_id = pad
   hf_config.eos_token_id = eos
   hf_config.tie_word_embeddings = True
-  resample = {v: k for k, v in RESAMPLE.items()}.get(cfg.data.resample, 3)
-  processor = ViTImageProcessor(
-      do_resize=True, size={"height": cfg.data.image_size, "width": cfg.data.image_size},
-      resample=resample, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-      image_mean=list(cfg.model.image_mean), image_std=list(cfg.model.image_std))
+  processor = image_processor(cfg)
   generation = GenerationConfig(decoder_start_token_id=bos, bos_token_id=bos, eos_token_id=eos,
                                 pad_token_id=pad, max_length=cfg.eval.max_length + 1,
                                 num_beams=cfg.eval.num_beams,
@@ -78,6 +74,41 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
       _save_peft_adapter(os.path.join(tmp, ADAPTER), adapter, hf_config, spec,
                          fs.absolute(out_dir))
   return fs.absolute(out_dir)
+
+
+def encoder_config(enc: ViTConfig):
+  """The encoder's Hugging Face config, of its family's class. SigLIP's
+  without its pooling head, which the captioner neither has nor needs."""
+  from transformers import CONFIG_MAPPING
+
+  cls = CONFIG_MAPPING[enc.model_type]
+  known = set(cls().to_dict())
+  fields = {k: v for k, v in dataclasses.asdict(enc).items() if k in known and k != "model_type"}
+  if enc.model_type in ("clip_vision_model", "siglip_vision_model"):
+    fields["attention_dropout"] = enc.attention_probs_dropout_prob
+  if enc.model_type == "siglip_vision_model":
+    fields["vision_use_head"] = False
+  return cls(**fields)
+
+
+def image_processor(cfg):
+  """The run's image preprocessing as a Hugging Face image processor:
+  "squash" resizes to height x width (ViTImageProcessor); "crop" resizes the
+  shorter side to image_size / crop_fraction and crops the centre square
+  (CLIPImageProcessor, as CLIP and DINOv2 preprocess)."""
+  from transformers import CLIPImageProcessor, ViTImageProcessor
+
+  d = cfg.data
+  common = dict(resample={v: k for k, v in RESAMPLE.items()}.get(d.resample, 3),
+                do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                image_mean=list(cfg.model.image_mean), image_std=list(cfg.model.image_std))
+  if d.resize == "crop":
+    side = int(round(d.image_size / d.get("crop_fraction", 1.0)))
+    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": side}, do_center_crop=True,
+                              crop_size={"height": d.image_size, "width": d.image_size},
+                              do_convert_rgb=True, **common)
+  return ViTImageProcessor(do_resize=True, size={"height": d.image_size, "width": d.image_size},
+                           **common)
 
 
 def _module_names(hf_config, saved_names: list[str]) -> dict[str, str]:

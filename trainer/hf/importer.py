@@ -1,6 +1,7 @@
-"""`capjax import-hf`: a Hugging Face ViT + GPT-2 captioner (or a ViT encoder
-and a GPT-2 decoder) into a capjax run directory that `predict`, `eval` and
-`train` take as it is.
+"""`capjax import-hf`: a Hugging Face captioner (a VisionEncoderDecoderModel
+of a ViT, DeiT, CLIP or SigLIP vision tower or DINOv2 encoder and GPT-2; or
+such an encoder, or a whole CLIP or SigLIP model, and a GPT-2 decoder) into
+a capjax run directory that `predict`, `eval` and `train` take as it is.
 
 The run directory holds the parameters as an Orbax checkpoint at step 0, the
 config (model fields from the HF configs; image size, mean, std and resampling
@@ -10,6 +11,7 @@ from the image processor), and the tokenizer. Weights come from safetensors; a
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -25,7 +27,7 @@ from trainer import checkpoint, config as config_lib, params as params_lib
 from trainer.hf import weights
 from trainer.models.captioner import build_captioner
 from trainer.models.gpt2 import GPT2Config
-from trainer.models.vit import ViTConfig
+from trainer.models.vit import FAMILIES, ViTConfig
 
 # PIL's resampling codes, as image processors store them.
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -72,55 +74,130 @@ def read_tensors(folder: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """PyTorch's bicubic interpolation (align_corners=False, A=-0.75) as a matrix."""
-  a = -0.75
+def _cubic(x: float, a: float) -> float:
+  x = abs(x)
+  if x <= 1:
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  if x < 2:
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return 0.0
 
-  def cubic(x):
-    x = abs(x)
-    if x <= 1:
-      return ((a + 2) * x - (a + 3)) * x * x + 1
-    if x < 2:
-      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return 0.0
 
+def bicubic_matrix(n_in: int, n_out: int, antialias: bool = False) -> np.ndarray:
+  """PyTorch's bicubic interpolation of one axis (align_corners=False) as a
+  matrix [n_out, n_in]: A = -0.75 with edges clamped; or with `antialias`
+  PIL's filter (A = -0.5, stretched by the shrink factor, truncated at the
+  edges and normalised), as `interpolate(..., antialias=True)` computes it."""
   m = np.zeros((n_out, n_in), np.float64)
   scale = n_in / n_out
   for i in range(n_out):
+    if antialias:
+      support, inv = (2 * scale, 1 / scale) if scale >= 1 else (2.0, 1.0)
+      center = scale * (i + 0.5)
+      lo = max(int(center - support + 0.5), 0)
+      hi = min(int(center + support + 0.5), n_in)
+      w = np.array([_cubic((j - center + 0.5) * inv, -0.5) for j in range(lo, hi)])
+      m[i, lo:hi] = w / w.sum()
+      continue
     src = (i + 0.5) * scale - 0.5
     base = int(np.floor(src))
     t = src - base
     for k in range(-1, 3):
-      m[i, min(max(base + k, 0), n_in - 1)] += cubic(k - t)
+      m[i, min(max(base + k, 0), n_in - 1)] += _cubic(k - t, -0.75)
   return m
 
 
-def interpolate_positions(pos: np.ndarray, grid: int) -> np.ndarray:
-  """ViT position embeddings [1, 1 + n*n, D] to a grid x grid patch layout,
-  as `ViTEmbeddings.interpolate_pos_encoding` computes them."""
-  n = int(round((pos.shape[1] - 1) ** 0.5))
+def interpolate_positions(pos: np.ndarray, grid: int, tokens: int = 1,
+                          antialias: bool = False) -> np.ndarray:
+  """Position embeddings [1, tokens + n*n, D] (the first `tokens` for the
+  class and distillation tokens) to a grid x grid patch layout, as the
+  models' `interpolate_pos_encoding` computes them (bicubic; DINOv2 with
+  registers antialiased)."""
+  n = int(round((pos.shape[1] - tokens) ** 0.5))
   if n == grid:
     return pos
-  patches = pos[0, 1:].reshape(n, n, -1).astype(np.float64)
-  w = _bicubic_matrix(n, grid)
+  patches = pos[0, tokens:].reshape(n, n, -1).astype(np.float64)
+  w = bicubic_matrix(n, grid, antialias)
   out = np.einsum("ij,jkd,lk->ild", w, patches, w).reshape(grid * grid, -1)
-  return np.concatenate([pos[:, :1], out[None].astype(pos.dtype)], axis=1)
+  return np.concatenate([pos[:, :tokens], out[None].astype(pos.dtype)], axis=1)
+
+
+# Whole image-text models whose vision tower `--encoder` takes.
+TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
+def encoder_config(enc: dict, source: str) -> dict:
+  """An encoder's config.json (or a whole CLIP or SigLIP model's, for its
+  vision tower) as capjax's `model.encoder` fields, with the defaults of its
+  Hugging Face class filled in (a saved config.json leaves them out)."""
+  from transformers import AutoConfig
+
+  kind = enc.get("model_type")
+  if kind not in FAMILIES and kind not in TOWERS:
+    raise ValueError(f"{source}: encoder model_type is {kind!r}; capjax supports "
+                     f"{', '.join(sorted(FAMILIES))} (and whole {', '.join(sorted(TOWERS))} "
+                     "models, for their vision tower)")
+  full = AutoConfig.for_model(**enc)
+  full = (full.vision_config if kind in TOWERS else full).to_dict()
+  full["model_type"] = TOWERS.get(kind, kind)
+  if full["model_type"] in TOWERS.values():  # no dropout but on attention
+    full["attention_probs_dropout_prob"] = full.get("attention_dropout", 0.0)
+    full["hidden_dropout_prob"] = 0.0
+  names = {f.name for f in dataclasses.fields(ViTConfig)}
+  out = {k: v for k, v in full.items() if k in names and v is not None}
+  for k in ("image_size", "patch_size"):
+    if isinstance(out.get(k), (list, tuple)):
+      if len(set(out[k])) != 1:
+        raise ValueError(f"{source}: {k} {out[k]} is not square; capjax takes square images")
+      out[k] = out[k][0]
+  return out
+
+
+def _encoder_tensors(tensors: dict, enc: ViTConfig, under: str, source: str) -> dict:
+  """The tensors with the encoder's moved under "encoder.", wherever the
+  checkpoint nests it (`vision_model.` in whole CLIP and SigLIP models and
+  older saves, `vit.`/`dinov2.` in task models), the rest as they were."""
+  anchor = weights.ANCHOR.get(enc.model_type, weights.ANCHOR_DEFAULT)
+  found = sorted((k[:-len(anchor)] for k in tensors
+                  if k.endswith(anchor) and k.startswith(under)), key=len)
+  if not found:
+    raise KeyError(f"{source}: no tensor {under}...{anchor} (the {enc.model_type} encoder's)")
+  prefix = found[0]
+  return {("encoder." + k[len(prefix):] if k.startswith(prefix) else k): v
+          for k, v in tensors.items()}
+
+
+def _image_config(cfg: ConfigDict, image: dict, native: int, image_size: int | None) -> None:
+  """The image processor's resizing, resampling and normalisation as the
+  data and model config: a resize to height x width is "squash"; the
+  shorter side to S and a centre crop C (CLIP, DINOv2) is "crop" with
+  `crop_fraction` C / S."""
+  size = image.get("size") or {}
+  size = {"height": size, "width": size} if isinstance(size, int) else size
+  crop = image.get("crop_size") or {}
+  crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+  if "shortest_edge" in size:
+    side = int(size["shortest_edge"])
+    cut = int(crop.get("height", side)) if image.get("do_center_crop", bool(crop)) else side
+    cfg.data.resize, cfg.data.crop_fraction = "crop", min(1.0, cut / side)
+    native = cut
+  else:
+    cfg.data.resize, cfg.data.crop_fraction = "squash", 1.0
+    native = int(size.get("height", native))
+  cfg.data.image_size = image_size or native
+  cfg.data.resample = RESAMPLE.get(image.get("resample", 2), "bilinear")
+  cfg.model.image_mean = tuple(image.get("image_mean", (0.5, 0.5, 0.5)))
+  cfg.model.image_std = tuple(image.get("image_std", (0.5, 0.5, 0.5)))
 
 
 def _model_config(cfg: ConfigDict, enc: dict, dec: dict, image: dict,
                   image_size: int | None) -> None:
   fields = lambda cls, d: {k: d[k] for k in (f.name for f in cls.__dataclass_fields__.values())
                            if k in d and d[k] is not None}
-  cfg.model.encoder = ConfigDict(fields(ViTConfig, enc))
+  cfg.model.encoder = ConfigDict(enc)
   cfg.model.decoder = ConfigDict(fields(GPT2Config, dec))
-  size = image.get("size", {})
-  native = int(size.get("height", size.get("shortest_edge", enc.get("image_size", 224))))
-  cfg.data.image_size = image_size or native
+  _image_config(cfg, image, enc.get("image_size", 224), image_size)
   cfg.model.encoder.image_size = cfg.data.image_size
-  cfg.data.resize = "squash"  # ViTImageProcessor resizes to height x width
-  cfg.data.resample = RESAMPLE.get(image.get("resample", 2), "bilinear")
-  cfg.model.image_mean = tuple(image.get("image_mean", (0.5, 0.5, 0.5)))
-  cfg.model.image_std = tuple(image.get("image_std", (0.5, 0.5, 0.5)))
 
 
 def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None = None,
@@ -144,21 +221,24 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
     if top.get("model_type") != "vision-encoder-decoder":
       raise ValueError(f"{hf_dir}: model_type is {top.get('model_type')!r}, "
                        "expected 'vision-encoder-decoder' (or use --encoder/--decoder)")
-    enc, dec = top["encoder"], top["decoder"]
-    tensors, token_dir, image_dir = read_tensors(hf_dir), hf_dir, hf_dir
+    enc, dec = encoder_config(top["encoder"], hf_dir), top["decoder"]
+    enc_cfg = ViTConfig.from_dict(enc)  # the checkpoint's own image size
+    tensors = _encoder_tensors(read_tensors(hf_dir), enc_cfg, "encoder.", hf_dir)
+    token_dir, image_dir = hf_dir, hf_dir
   else:
-    enc, dec = read_json(encoder_dir, "config.json"), read_json(decoder_dir, "config.json")
+    enc = encoder_config(read_json(encoder_dir, "config.json"), encoder_dir)
+    dec = read_json(decoder_dir, "config.json")
+    enc_cfg = ViTConfig.from_dict(enc)
     top = {}
-    tensors, token_dir, image_dir = {}, decoder_dir, encoder_dir
-    for prefix, folder in (("encoder.", encoder_dir), ("decoder.transformer.", decoder_dir)):
-      for k, v in read_tensors(folder).items():
-        for strip in ("vit.", "transformer."):  # task heads wrap the base model
-          k = k[len(strip):] if k.startswith(strip) else k
-        tensors[prefix + k] = v
-  for name, sub, want in (("encoder", enc, "vit"), ("decoder", dec, "gpt2")):
-    if sub.get("model_type") != want:
-      raise ValueError(f"{name} model_type is {sub.get('model_type')!r}; capjax "
-                       f"supports {want!r} here")
+    tensors = _encoder_tensors(read_tensors(encoder_dir), enc_cfg, "", encoder_dir)
+    tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}  # no text tower
+    token_dir, image_dir = decoder_dir, encoder_dir
+    for k, v in read_tensors(decoder_dir).items():
+      k = k[len("transformer."):] if k.startswith("transformer.") else k  # a task head's
+      tensors["decoder.transformer." + k] = v
+  if dec.get("model_type") != "gpt2":
+    raise ValueError(f"decoder model_type is {dec.get('model_type')!r}; capjax "
+                     "supports 'gpt2' here")
   weights.check_supported(dec, hf_dir or decoder_dir)
   image = read_json(image_dir, "preprocessor_config.json", required=False)
   _model_config(cfg, enc, dec, image, image_size)
@@ -173,7 +253,6 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
   cfg.model.decoder.pad_token_id = first(top.get("pad_token_id"), dec.get("pad_token_id"),
                                          cfg.model.decoder.eos_token_id)
 
-  enc_cfg = ViTConfig.from_dict(enc)  # the checkpoint's own image size
   dec_cfg = GPT2Config.from_dict(dec)
   model = build_captioner(cfg.model, seed)  # fills what a checkpoint lacks
   params = nnx.state(model, nnx.Param)
@@ -183,7 +262,8 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
       enc_cfg.hidden_size != dec_cfg.n_embd, source=hf_dir or f"{encoder_dir} + {decoder_dir}")
   grid = cfg.data.image_size // enc_cfg.patch_size
   loaded["encoder"]["position_embeddings"] = interpolate_positions(
-      loaded["encoder"]["position_embeddings"], grid)
+      loaded["encoder"]["position_embeddings"], grid, len(enc_cfg.family.tokens),
+      antialias=enc_cfg.model_type == "dinov2_with_registers")
   _merge(pure, params_lib.to_layout(loaded, cfg.model.scan_layers), ())
   nnx.replace_by_pure_dict(params, jax.tree.map(np.asarray, pure))
 

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints to capjax parameters and back.
 
-One table maps every tensor of a `VisionEncoderDecoderModel` (ViT + GPT-2)
-state dict to a capjax parameter with the layout change it needs; import and
-export both read it, so they cannot drift apart. Weights are read and written
+One table maps every tensor of a `VisionEncoderDecoderModel` (an encoder of
+`trainer.models.vit`'s families + GPT-2) state dict to a capjax parameter
+with the layout change it needs; import and export both read it, so they
+cannot drift apart. Weights are read and written
 as safetensors, never unpickled.
 """
 
@@ -21,19 +22,42 @@ Path = tuple[Any, ...]
 _SAME = (lambda w: w, lambda w: w)
 _LINEAR = (lambda w: w.T, lambda w: w.T)  # torch Linear stores [out, in]
 _PATCH = (lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))  # OIHW <-> HWIO
+_TOKEN = (lambda w: w[None, None], lambda w: w[0, 0])  # CLIP's class embedding [D]
+_TABLE = (lambda w: w[None], lambda w: w[0])  # an nn.Embedding of positions [N, D]
+_ROW = (lambda w: w[0], lambda w: w[None])  # DINOv2's mask token [1, D], kept 1-D (no decay)
 
 # GPT-2's `Conv1D` already stores [in, out]; its fused projections are split.
 _FUSED = {"qkv": ("query", "key", "value"), "kv": ("key", "value")}
 
 
+def _linears(hf: str, ours: Path, names: dict, biases: set) -> Iterator:
+  for h, o in names.items():
+    yield hf + h + ".weight", ours + o + ("kernel",), _LINEAR
+    if h in biases:
+      yield hf + h + ".bias", ours + o + ("bias",), _SAME
+
+
+def _norm(hf: str, ours: Path) -> Iterator:
+  yield hf + ".weight", ours + ("scale",), _SAME
+  yield hf + ".bias", ours + ("bias",), _SAME
+
+
 def _vit_entries(cfg: ViTConfig, prefix: str) -> Iterator[tuple[str, Path, tuple]]:
-  e = ("encoder",)
-  yield f"{prefix}embeddings.cls_token", e + ("cls_token",), _SAME
-  yield f"{prefix}embeddings.position_embeddings", e + ("position_embeddings",), _SAME
-  for p in ("weight", "bias"):
-    yield (f"{prefix}embeddings.patch_embeddings.projection.{p}",
-           e + ("patch_embed", "kernel" if p == "weight" else "bias"),
-           _PATCH if p == "weight" else _SAME)
+  """ViTModel, DeiTModel and Dinov2Model (with registers) as saved."""
+  e, fam, emb = ("encoder",), cfg.family, f"{prefix}embeddings."
+  dino = cfg.model_type.startswith("dinov2")
+  for name in fam.tokens:
+    yield emb + name, e + (name,), _SAME
+  if cfg.num_register_tokens:
+    yield emb + "register_tokens", e + ("register_tokens",), _SAME
+  if fam.mask_token and cfg.use_mask_token:
+    yield emb + "mask_token", e + ("mask_token",), _ROW
+  yield emb + "position_embeddings", e + ("position_embeddings",), _SAME
+  yield emb + "patch_embeddings.projection.weight", e + ("patch_embed", "kernel"), _PATCH
+  yield emb + "patch_embeddings.projection.bias", e + ("patch_embed", "bias"), _SAME
+  mlp = (("mlp.weights_in", "mlp.weights_out") if cfg.use_swiglu_ffn else
+         ("mlp.fc1", "mlp.fc2") if dino else ("intermediate.dense", "output.dense"))
+  norms = ("norm1", "norm2") if dino else ("layernorm_before", "layernorm_after")
   for i in range(cfg.num_hidden_layers):
     hf, ours = f"{prefix}encoder.layer.{i}.", e + ("layers", i)
     linears = {
@@ -41,17 +65,56 @@ def _vit_entries(cfg: ViTConfig, prefix: str) -> Iterator[tuple[str, Path, tuple
         "attention.attention.key": ("attention", "key"),
         "attention.attention.value": ("attention", "value"),
         "attention.output.dense": ("attention", "out"),
-        "intermediate.dense": ("mlp", "fc"),
-        "output.dense": ("mlp", "proj"),
+        mlp[0]: ("mlp", "fc"),
+        mlp[1]: ("mlp", "proj"),
     }
-    for h, o in linears.items():
-      yield hf + h + ".weight", ours + o + ("kernel",), _LINEAR
-      yield hf + h + ".bias", ours + o + ("bias",), _SAME
-    for norm in ("layernorm_before", "layernorm_after"):
-      yield hf + norm + ".weight", ours + (norm, "scale"), _SAME
-      yield hf + norm + ".bias", ours + (norm, "bias"), _SAME
-  yield f"{prefix}layernorm.weight", e + ("layernorm", "scale"), _SAME
-  yield f"{prefix}layernorm.bias", e + ("layernorm", "bias"), _SAME
+    qkv = {"attention.attention.query", "attention.attention.key", "attention.attention.value"}
+    yield from _linears(hf, ours, linears, set(linears) - (set() if cfg.qkv_bias else qkv))
+    for h, o in zip(norms, ("layernorm_before", "layernorm_after")):
+      yield from _norm(hf + h, ours + (o,))
+    if fam.layer_scale:
+      for k in (1, 2):
+        yield f"{hf}layer_scale{k}.lambda1", ours + (f"layer_scale{k}",), _SAME
+  yield from _norm(f"{prefix}layernorm", e + ("layernorm",))
+
+
+def _clip_entries(cfg: ViTConfig, prefix: str) -> Iterator[tuple[str, Path, tuple]]:
+  """CLIPVisionModel and SiglipVisionModel as saved (SigLIP's pooling head
+  is not part of the captioner)."""
+  e, fam, emb = ("encoder",), cfg.family, f"{prefix}embeddings."
+  if "cls_token" in fam.tokens:
+    yield emb + "class_embedding", e + ("cls_token",), _TOKEN
+  yield emb + "patch_embedding.weight", e + ("patch_embed", "kernel"), _PATCH
+  if fam.patch_bias:
+    yield emb + "patch_embedding.bias", e + ("patch_embed", "bias"), _SAME
+  yield emb + "position_embedding.weight", e + ("position_embeddings",), _TABLE
+  if fam.pre_layernorm:
+    yield from _norm(f"{prefix}pre_layrnorm", e + ("pre_layernorm",))
+  for i in range(cfg.num_hidden_layers):
+    hf, ours = f"{prefix}encoder.layers.{i}.", e + ("layers", i)
+    linears = {
+        "self_attn.q_proj": ("attention", "query"), "self_attn.k_proj": ("attention", "key"),
+        "self_attn.v_proj": ("attention", "value"), "self_attn.out_proj": ("attention", "out"),
+        "mlp.fc1": ("mlp", "fc"), "mlp.fc2": ("mlp", "proj"),
+    }
+    yield from _linears(hf, ours, linears, set(linears))
+    yield from _norm(hf + "layer_norm1", ours + ("layernorm_before",))
+    yield from _norm(hf + "layer_norm2", ours + ("layernorm_after",))
+  yield from _norm(f"{prefix}post_layernorm", e + ("layernorm",))
+
+
+def encoder_entries(cfg: ViTConfig, prefix: str) -> Iterator[tuple[str, Path, tuple]]:
+  """The encoder's tensors, by its family's names."""
+  if cfg.model_type in ("clip_vision_model", "siglip_vision_model"):
+    return _clip_entries(cfg, prefix)
+  return _vit_entries(cfg, prefix)
+
+
+# A key every checkpoint of the family holds, whatever wraps the model: what
+# finds the encoder's prefix in a state dict.
+ANCHOR = {"clip_vision_model": "embeddings.patch_embedding.weight",
+          "siglip_vision_model": "embeddings.patch_embedding.weight"}
+ANCHOR_DEFAULT = "embeddings.patch_embeddings.projection.weight"
 
 
 def _gpt2_entries(cfg: GPT2Config, prefix: str) -> Iterator[tuple[str, Path, Any]]:
@@ -77,7 +140,7 @@ def _gpt2_entries(cfg: GPT2Config, prefix: str) -> Iterator[tuple[str, Path, Any
 
 def _entries(enc: ViTConfig, dec: GPT2Config, enc_prefix: str, dec_prefix: str,
              with_projection: bool):
-  yield from _vit_entries(enc, enc_prefix)
+  yield from encoder_entries(enc, enc_prefix)
   yield from _gpt2_entries(dec, dec_prefix)
   if with_projection:
     yield "enc_to_dec_proj.weight", ("enc_to_dec_proj", "kernel"), _LINEAR

@@ -269,3 +269,21 @@ class Mlp(nnx.Module):
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     h = ACTIVATIONS[self.activation](self.fc(x, fold(key, 1)))
     return dropout(self.proj(h, fold(key, 2)), self.dropout_rate, key)
+
+
+class GatedMlp(nnx.Module):
+  """SwiGLU (DINOv2's `Dinov2SwiGLUFFN`): silu(x W_gate) * (x W_up), then
+  down. The gate and up projections are one matrix `fc` [dim, 2 * hidden],
+  gate first, as the checkpoint's fused `weights_in` holds them."""
+
+  def __init__(self, dim: int, hidden: int, activation: str, rngs: nnx.Rngs, dtype,
+               out_stddev: float = 0.02, dropout_rate: float = 0.0):
+    del activation  # always silu
+    self.fc = dense(dim, 2 * hidden, ("embed", "mlp"), rngs, dtype)
+    self.proj = dense(hidden, dim, ("mlp", "embed"), rngs, dtype, stddev=out_stddev)
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    gate, up = jnp.split(self.fc(x, fold(key, 1)), 2, axis=-1)
+    h = jax.nn.silu(gate) * up
+    return dropout(self.proj(h, fold(key, 2)), self.dropout_rate, key)

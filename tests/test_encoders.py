@@ -1,0 +1,134 @@
+"""The encoder families beside ViT (DeiT, CLIP's and SigLIP's vision towers,
+DINOv2 with and without registers and SwiGLU) against transformers' PyTorch
+`VisionEncoderDecoderModel`, on tiny random models built here: logits, loss,
+greedy and beam-search captions; import then export, weight for weight."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.test_hf import (_hf_model, _imported, _inputs, _scan,  # noqa: E402
+                           assert_logits_and_loss_match)
+from trainer import generate  # noqa: E402
+from trainer.hf import exporter, importer  # noqa: E402
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+             patch_size=8)
+WIDE = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8)
+DINO = dict(mlp_ratio=2, layerscale_value=0.5)
+
+# (name, the encoder's config class, its fields, image size to import at, layer
+# layouts of the checkpoint and of the model it is loaded into). The first case
+# of each family has the decoder's width; the second is wider than the decoder
+# (a projection between them) and imported at another image size (its position
+# embeddings interpolated once; DINOv2's PyTorch model interpolates at each call).
+CASES = [
+    ("deit", "DeiTConfig", dict(SMALL, intermediate_size=64), None, (False, False)),
+    ("deit-wide-48px", "DeiTConfig", dict(WIDE, intermediate_size=96), 48, (True, True)),
+    ("clip", "CLIPVisionConfig", dict(SMALL, intermediate_size=64), None, (False, True)),
+    ("clip-wide-48px", "CLIPVisionConfig", dict(WIDE, intermediate_size=80, hidden_act="gelu"),
+     48, (True, False)),
+    ("siglip", "SiglipVisionConfig", dict(SMALL, intermediate_size=64), None, (False, False)),
+    ("siglip-wide-48px", "SiglipVisionConfig", dict(WIDE, intermediate_size=96), 48,
+     (True, True)),
+    ("dinov2", "Dinov2Config", dict(SMALL, **DINO), None, (False, False)),
+    ("dinov2-swiglu-wide-48px", "Dinov2Config", dict(WIDE, **DINO, use_swiglu_ffn=True), 48,
+     (True, True)),
+    ("dinov2-registers", "Dinov2WithRegistersConfig", dict(SMALL, **DINO, num_register_tokens=2),
+     None, (False, True)),
+    ("dinov2-registers-wide-48px", "Dinov2WithRegistersConfig",
+     dict(WIDE, **DINO, num_register_tokens=3), 48, (True, False)),
+]
+DEC = dict(n_embd=32, n_layer=2, n_head=4)
+
+
+def _model(tmp_path, cls, enc, seed=0, eos_boost=0.0, margin=0):
+  """A random captioner of this encoder family, saved with a CLIP-style image
+  processor: the shorter side to the image size plus `margin`, then the
+  centre square of the image size."""
+  hf, folder = _hf_model(tmp_path, enc, DEC, seed, eos_boost, getattr(transformers, cls))
+  side = enc["image_size"]
+  transformers.CLIPImageProcessor(
+      size={"shortest_edge": side + margin}, crop_size={"height": side, "width": side},
+      image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]).save_pretrained(folder)
+  return hf, folder
+
+
+def _encoder_kwargs(cls, image_size):
+  """DINOv2 interpolates at every call and takes no such argument."""
+  if cls.startswith("Dinov2") or image_size is None:
+    return {}
+  return {"interpolate_pos_encoding": True}
+
+
+@pytest.mark.parametrize("name, cls, enc, image_size, scan", CASES, ids=[c[0] for c in CASES])
+def test_captioner_matches_transformers(tmp_path, name, cls, enc, image_size, scan):
+  hf, folder = _model(tmp_path, cls, enc, seed=4, eos_boost=4.0)
+  cfg, graphdef, params = _imported(tmp_path, folder, image_size, scan)
+  assert cfg.model.encoder.model_type == hf.config.encoder.model_type
+  assert cfg.data.resize == "crop" and cfg.data.crop_fraction == 1.0
+  size = image_size or enc["image_size"]
+  images, ids, pixels = _inputs(cfg, size, batch=4, seed=5)
+  model = nnx.merge(graphdef, params)
+  kw = _encoder_kwargs(cls, image_size)
+
+  assert_logits_and_loss_match(hf, graphdef, params, images, ids, pixels, **kw)
+
+  d = cfg.model.decoder
+  for beams in (1, 4):
+    if beams == 1:
+      tokens = generate.greedy(model, jnp.asarray(images), 12, d.bos_token_id, d.eos_token_id,
+                               d.pad_token_id)
+    else:
+      tokens = generate.beam_search(model, jnp.asarray(images), 12, beams, d.bos_token_id,
+                                    d.eos_token_id, d.pad_token_id, 1.0, False)
+    with torch.no_grad():
+      ref = hf.generate(pixel_values=pixels, max_new_tokens=12, num_beams=beams,
+                        do_sample=False, length_penalty=1.0, early_stopping=False,
+                        **kw)[:, 1:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, 12 - ref.shape[1])), constant_values=d.pad_token_id)
+    np.testing.assert_array_equal(np.asarray(tokens), ref, err_msg=f"{beams} beams")
+
+
+@pytest.mark.parametrize("name, cls, enc", [c[:3] for c in CASES[1::2]],
+                         ids=[c[0] for c in CASES[1::2]])
+def test_import_then_export_gives_every_weight_back(tmp_path, name, cls, enc):
+  hf, folder = _model(tmp_path, cls, enc, seed=1, margin=4)
+  cfg = importer.import_hf(str(tmp_path / "run"), hf_dir=str(folder), overrides=_scan(True))
+  assert cfg.data.resize == "crop" and cfg.data.crop_fraction == pytest.approx(32 / 36)
+  exporter.export_hf(str(tmp_path / "run"), str(tmp_path / "exported"))
+  back = transformers.VisionEncoderDecoderModel.from_pretrained(tmp_path / "exported").eval()
+  assert type(back.encoder) is type(hf.encoder)
+  sd_a, sd_b = hf.state_dict(), back.state_dict()
+  assert not set(sd_a) - set(sd_b) - {k for k in sd_a if "pooler" in k or ".head." in k}
+  for k in sd_a:
+    if "pooler" not in k and ".head." not in k:
+      torch.testing.assert_close(sd_a[k], sd_b[k], rtol=0, atol=0, msg=k)
+  processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "exported")
+  assert processor.size == {"shortest_edge": 36}
+  assert processor.crop_size == {"height": 32, "width": 32}
+
+
+def test_a_processors_centre_crop_cuts_what_it_cuts():
+  """`data.crop_fraction` (a processor's crop over its resize, e.g. DINOv2's
+  224 of 256): the centre square of that share of the shorter side, so a
+  frame the processor crops away is gone."""
+  import io
+  from PIL import Image
+  from pipeline import images
+  img = np.zeros((64, 80, 3), np.uint8)
+  img[...] = (255, 0, 0)
+  img[4:-4, 4:-4] = (0, 255, 0)
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, "PNG")
+  whole = images.decode_and_resize(buf.getvalue(), 32, "crop", "bilinear")
+  inner = images.decode_and_resize(buf.getvalue(), 32, "crop", "bilinear", crop_fraction=0.875)
+  assert whole[0, :, 0].min() > 100 and whole[16, 16, 0] == 0  # the frame, then the inside
+  assert inner[..., 0].max() == 0 and inner[..., 1].min() == 255
+  with pytest.raises(ValueError, match="data.crop_fraction"):
+    images.decode_and_resize(buf.getvalue(), 32, "crop", crop_fraction=1.5)
