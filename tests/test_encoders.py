@@ -10,8 +10,10 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file  # noqa: E402
 
-from tests.test_hf import (_hf_model, _imported, _inputs, _scan,  # noqa: E402
+from pipeline import tokenizer as tokenizer_lib  # noqa: E402
+from tests.test_hf import (CAPTIONS, _hf_model, _imported, _inputs, _load, _scan,  # noqa: E402
                            assert_logits_and_loss_match)
 from trainer import generate  # noqa: E402
 from trainer.hf import exporter, importer  # noqa: E402
@@ -132,3 +134,36 @@ def test_a_processors_centre_crop_cuts_what_it_cuts():
   assert inner[..., 0].max() == 0 and inner[..., 1].min() == 255
   with pytest.raises(ValueError, match="data.crop_fraction"):
     images.decode_and_resize(buf.getvalue(), 32, "crop", crop_fraction=1.5)
+
+
+@pytest.mark.parametrize("whole", ["CLIPModel", "SiglipModel"])
+def test_a_whole_image_text_model_gives_its_vision_tower(tmp_path, whole):
+  """`import-hf --encoder` of a whole CLIP or SigLIP checkpoint (text tower
+  and all) with a plain GPT-2 (no cross-attention: it is newly made): the
+  vision tower's weights, the text tower left out, the processor's settings
+  taken."""
+  small = dict(SMALL, intermediate_size=64)
+  prefix = whole.replace("Model", "")
+  config = getattr(transformers, f"{prefix}Config")(
+      vision_config=small, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64))
+  torch.manual_seed(0)
+  getattr(transformers, whole)(config).save_pretrained(tmp_path / "tower")
+  transformers.CLIPImageProcessor(size={"shortest_edge": 36}, crop_size=32,
+                                  image_mean=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "tower")
+  tok = tokenizer_lib.train_bpe(CAPTIONS, 280, str(tmp_path / "gpt2"))
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=len(tok), n_positions=32, **DEC)).save_pretrained(tmp_path / "gpt2")
+  cfg = importer.import_hf(str(tmp_path / "run"), encoder_dir=str(tmp_path / "tower"),
+                           decoder_dir=str(tmp_path / "gpt2"))
+  assert cfg.model.encoder.model_type == f"{prefix.lower()}_vision_model"
+  assert cfg.data.crop_fraction == pytest.approx(32 / 36)
+  assert tuple(cfg.model.image_mean) == pytest.approx((0.4, 0.5, 0.6))
+  _, _, params = _load(tmp_path / "run")
+  pure = nnx.to_pure_dict(params)
+  saved = load_file(tmp_path / "tower" / "model.safetensors")
+  np.testing.assert_array_equal(
+      np.asarray(pure["encoder"]["layers"][1]["mlp"]["fc"]["kernel"]),
+      saved["vision_model.encoder.layers.1.mlp.fc1.weight"].T)
+  np.testing.assert_array_equal(np.asarray(pure["encoder"]["layernorm"]["scale"]),
+                                saved["vision_model.post_layernorm.weight"])

@@ -259,7 +259,8 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
   pure = nnx.to_pure_dict(params)
   loaded = weights.to_capjax(
       tensors, enc_cfg, dec_cfg, with_projection=bool(hf_dir) and
-      enc_cfg.hidden_size != dec_cfg.n_embd, source=hf_dir or f"{encoder_dir} + {decoder_dir}")
+      enc_cfg.hidden_size != dec_cfg.n_embd, source=hf_dir or f"{encoder_dir} + {decoder_dir}",
+      fresh=() if hf_dir else (".crossattention.", ".ln_cross_attn."))
   grid = cfg.data.image_size // enc_cfg.patch_size
   loaded["encoder"]["position_embeddings"] = interpolate_positions(
       loaded["encoder"]["position_embeddings"], grid, len(enc_cfg.family.tokens),

@@ -161,10 +161,13 @@ def _get(tree: dict, path: Path):
 
 def to_capjax(tensors: dict[str, np.ndarray], enc: ViTConfig, dec: GPT2Config,
               enc_prefix: str = "encoder.", dec_prefix: str = "decoder.transformer.",
-              with_projection: bool | None = None, source: str = "checkpoint") -> dict:
+              with_projection: bool | None = None, source: str = "checkpoint",
+              fresh: tuple[str, ...] = ()) -> dict:
   """HF tensors to a capjax pure parameter dict. Tensors the table does not
   name (a ViT pooler, GPT-2's attention-mask buffers, a tied LM head) are
-  ignored; a missing or misshapen one is an error naming the tensor."""
+  ignored; a missing or misshapen one is an error naming the tensor, but for
+  those whose names hold one of `fresh`, left out (to be newly initialised:
+  a plain GPT-2's cross-attention)."""
   if with_projection is None:
     with_projection = enc.hidden_size != dec.n_embd
   out: dict = {}
@@ -175,6 +178,9 @@ def to_capjax(tensors: dict[str, np.ndarray], enc: ViTConfig, dec: GPT2Config,
     return np.asarray(tensors[name], np.float32)
 
   for name, path, how in _entries(enc, dec, enc_prefix, dec_prefix, with_projection):
+    if (any(f in name for f in fresh)
+        and not any(n in tensors for n in (name, name + ".weight"))):
+      continue
     if how in _FUSED:
       parts = _FUSED[how]
       w, b = take(name + ".weight"), take(name + ".bias")
