@@ -102,12 +102,18 @@ def listdir(path: str) -> list[str]:
   return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
 
+def _filesystem(path: str):
+  """(the fsspec file system, the path within it) of a bucket path, its
+  clients configured as `_epath` configures them."""
+  import fsspec
+  _epath(path)
+  return fsspec.core.url_to_fs(path)
+
+
 def version(path: str) -> tuple[int, str]:
   """(size in bytes, a key that changes when the object is rewritten with
   other content: from its ETag or generation) of a bucket file."""
-  import fsspec
-  _epath(path)  # the clients configured
-  filesystem, name = fsspec.core.url_to_fs(path)
+  filesystem, name = _filesystem(path)
   info = filesystem.info(name)
   return int(info["size"]), filesystem.ukey(name)
 
@@ -146,9 +152,7 @@ def _whole(path: str) -> Iterator:
       if os.path.exists(tmp):
         os.remove(tmp)
     return
-  import fsspec
-  _epath(path)  # the clients configured
-  filesystem, name = fsspec.core.url_to_fs(path)
+  filesystem, name = _filesystem(path)
   f = filesystem.open(name, "wb")
   try:
     yield f
@@ -215,10 +219,8 @@ def copy(src: str, dst: str) -> None:
   if not is_bucket(dst):
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
   elif scheme(src) == scheme(dst):  # within the store: one server-side copy
-    import fsspec
-    _epath(src)  # the clients configured
-    filesystem, name = fsspec.core.url_to_fs(src)
-    filesystem.copy(name, fsspec.core.url_to_fs(dst)[1])
+    filesystem, name = _filesystem(src)
+    filesystem.copy(name, _filesystem(dst)[1])
     return
   with _open(src, "rb") as f, _whole(dst) as out:
     shutil.copyfileobj(f, out, 1 << 22)
@@ -294,7 +296,7 @@ def local_twin(path: str, kind: str = "runs") -> str:
 
 
 def _process_dir(parent: str) -> str:
-  """A new folder in `parent` for this process (stage-HOST-PID-...), removed
+  """A new folder in `parent` for this process (stage-HOST_PID-...), removed
   at exit; those of this host's processes no longer alive (killed) are
   removed now, never another host's (`parent` may be on a shared home)."""
   os.makedirs(parent, exist_ok=True)

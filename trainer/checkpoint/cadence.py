@@ -57,7 +57,6 @@ def _peer_lost(error: BaseException, steps: list[int], workdir: str) -> PeerLost
   import time
   from trainer import peers
 
-  logging.getLogger("capjax").error("a checkpoint save failed", exc_info=error)
   watch = peers.current()
   if watch is not None:
     deadline = time.monotonic() + watch.timeout + 4 * watch.interval + 2
@@ -88,12 +87,12 @@ class Cadence:
     """Removes the failed save's temporary folder (this run's: it holds the
     directory) and says what failed, the space, and what is kept. A save
     that failed because another process is gone is a PeerLost instead."""
+    logging.getLogger("capjax").error("a checkpoint save failed", exc_info=error)
     if jax.process_count() > 1 and any(_PEER_LOST.search(str(e)) for e in chain(error)):
       return _peer_lost(error, self._pending[-1:], os.path.dirname(str(self._mngr.directory)))
     if jax.process_index() == 0:
       for path in _tmp_folders(self._mngr):
         fs.rmtree(path)
-    logging.getLogger("capjax").error("a checkpoint save failed", exc_info=error)
     self._mngr.reload()
     kept = set(self._mngr.all_steps())
     failed = [s for s in self._pending if s not in kept] or self._pending[-1:]
