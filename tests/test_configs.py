@@ -22,6 +22,7 @@ SMALL = ["config.model.encoder.hidden_size=32", "config.model.encoder.num_hidden
 
 
 @pytest.mark.parametrize("name, mesh", [("coco_vit_gpt2", "data 8 x fsdp 1 x tensor 1"),
+                                        ("coco_siglip_gpt2", "data 8 x fsdp 1 x tensor 1"),
                                         ("coco_pod", "data 2 x fsdp 4 x tensor 1")])
 def test_coco_config_trains_sharded(prepared, tmp_path, name, mesh):
   proc = run_capjax("train", "--config", os.path.join(REPO, "configs", f"{name}.py"),
@@ -35,3 +36,5 @@ def test_coco_config_trains_sharded(prepared, tmp_path, name, mesh):
   assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["model"]["dtype"] == "bfloat16" and saved["data"]["captions_per_image"] == 5
+  encoder = "siglip_vision_model" if "siglip" in name else "vit"
+  assert saved["model"]["encoder"].get("model_type", "vit") == encoder

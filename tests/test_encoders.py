@@ -3,6 +3,7 @@ DINOv2 with and without registers and SwiGLU) against transformers' PyTorch
 `VisionEncoderDecoderModel`, on tiny random models built here: logits, loss,
 greedy and beam-search captions; import then export, weight for weight."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,3 +168,91 @@ def test_a_whole_image_text_model_gives_its_vision_tower(tmp_path, whole):
       saved["vision_model.encoder.layers.1.mlp.fc1.weight"].T)
   np.testing.assert_array_equal(np.asarray(pure["encoder"]["layernorm"]["scale"]),
                                 saved["vision_model.post_layernorm.weight"])
+
+
+# Each family as a tiny captioner of its own (no checkpoint): its
+# distinguishing fields, and the names of its linear layers (LoRA's targets).
+FAMILY_FIELDS = {
+    "deit": {},
+    "clip_vision_model": dict(hidden_act="quick_gelu"),
+    "siglip_vision_model": dict(hidden_act="gelu_pytorch_tanh"),
+    "dinov2": dict(use_swiglu_ffn=True, layerscale_value=0.5),
+    "dinov2_with_registers": dict(num_register_tokens=2, layerscale_value=0.5),
+}
+ENCODER_LAYERS = sorted(f"encoder/layers/{i}/{m}/{n}/lora_{ab}" for i in range(2) for ab in "ab"
+                        for m, n in [("attention", "query"), ("attention", "key"),
+                                     ("attention", "value"), ("attention", "out"),
+                                     ("mlp", "fc"), ("mlp", "proj")])
+
+
+def _family_captioner(model_type, dtype=jnp.float32, remat="none", scan=False, lora_rank=0):
+  from trainer import config as config_lib
+  from trainer.models.captioner import build_captioner
+  cfg = config_lib.load("demo")
+  cfg.model.encoder = dict(model_type=model_type, hidden_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=96, image_size=32,
+                           patch_size=8, **FAMILY_FIELDS[model_type])
+  cfg.model.decoder.update(vocab_size=60, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+  cfg.model.update(dtype={jnp.float32: "float32", jnp.bfloat16: "bfloat16"}[dtype],
+                   remat=remat, scan_layers=scan)
+  cfg.model.lora.rank = lora_rank
+  return build_captioner(cfg.model, seed=0)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_FIELDS))
+def test_every_family_takes_what_vit_takes(model_type):
+  """Scanned and rematerialised layers, LoRA's default targets, bfloat16
+  compute and XLA's FLOPs count (the logged MFU) work for every family as for
+  ViT: the same loss and gradients, adapters on every encoder projection."""
+  from trainer import flops as flops_lib, optim
+  from trainer.models import lora
+  from trainer.params import to_layout
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (2, 32, 32, 3)), jnp.uint8)
+  ids = jnp.asarray(rng.integers(0, 60, (2, 3, 6)), jnp.int32)
+
+  def loss_and_grads(model):
+    """Of the encoder alone (in the decoder's width): the families differ there."""
+    graphdef, params = nnx.split(model)
+    weights = jax.random.normal(jax.random.key(1), (2, 20, 32))
+
+    def loss(p):
+      states = nnx.merge(graphdef, p).encode(images)
+      return jnp.mean(states * weights[:, :states.shape[1]])
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  plain = _family_captioner(model_type)
+  loss, grads = loss_and_grads(plain)
+  scanned = _family_captioner(model_type, remat="full", scan=True)
+  pure = to_layout(nnx.to_pure_dict(nnx.state(plain, nnx.Param)), True)
+  state = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(scanned, state)
+  loss_s, grads_s = loss_and_grads(scanned)
+  assert float(loss_s) == pytest.approx(float(loss), rel=1e-6)
+  grads_s = to_layout(nnx.to_pure_dict(grads_s), False)
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(grads)), jax.tree.leaves(grads_s)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+  # bfloat16 compute with fresh adapters (the default targets): float32
+  # parameters, the float32 loss within bfloat16's error.
+  adapted = _family_captioner(model_type, jnp.bfloat16, lora_rank=2)
+  names = [optim.param_name(p) for p, _ in
+           jax.tree_util.tree_flatten_with_path(nnx.state(adapted, nnx.Param))[0]]
+  assert sorted(n for n in names if lora.is_adapter(n) and n.startswith("encoder/")) \
+      == ENCODER_LAYERS
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(adapted, nnx.Param)))
+  nll = nnx.jit(lambda m: jnp.mean(jax.nn.log_softmax(m(images, ids).astype(jnp.float32))[..., 0]))
+  assert float(nll(adapted)) == pytest.approx(float(nll(plain)), rel=0.02)
+
+  # XLA's count of the encoder's forward pass against its matrix products.
+  e = plain.encoder.cfg
+  d, t, p = e.hidden_size, plain.encoder.position_embeddings.shape[1], e.patch_size
+  t += e.num_register_tokens
+  fc_out = 2 * e.mlp_width if e.use_swiglu_ffn else e.mlp_width
+  per_layer = t * (4 * d * d + d * fc_out + e.mlp_width * d) + 2 * t * t * d
+  matmuls = 2 * 2 * (e.num_hidden_layers * per_layer + (32 // p) ** 2 * p * p * 3 * d)
+  pixels = jnp.zeros((2, 32, 32, 3), jnp.float32)
+  counted = flops_lib.step_flops(jax.jit(lambda x: plain.encoder(x)).lower(pixels), 1)
+  assert matmuls <= counted <= 1.25 * matmuls, (counted, matmuls)

@@ -269,9 +269,12 @@ def test_bad_folder_is_one_line(tmp_path):
 
 def test_training_starts_from_an_imported_model(tmp_path, prepared):
   """`train.init_from`: the imported model, tokenizer and image settings, in
-  the other layer layout; with a zero learning rate the weights stay put."""
+  the other layer layout; with a zero learning rate the weights stay put.
+  Its encoder is a DINOv2 with registers, the family furthest from ViT."""
   _, enc, dec, _, _ = CASES[0]
-  _, folder = _hf_model(tmp_path, enc, dec, seed=6)
+  enc = dict(enc, mlp_ratio=2, layerscale_value=0.5, num_register_tokens=2)
+  _, folder = _hf_model(tmp_path, enc, dec, seed=6,
+                        enc_cls=transformers.Dinov2WithRegistersConfig)
   run_capjax("import-hf", str(folder), "--out", str(tmp_path / "imported"))
   proc = run_capjax("train", "--config", TINY_CONFIG, "--workdir", str(tmp_path / "ft"),
                     f"--config.train.init_from={tmp_path / 'imported'}",
@@ -283,6 +286,7 @@ def test_training_starts_from_an_imported_model(tmp_path, prepared):
   cfg, _, trained = _load(tmp_path / "ft", _scan(False))
   _, _, imported = _load(tmp_path / "imported")
   assert cfg.model.scan_layers is False and cfg.data.image_size == 32
+  assert cfg.model.encoder.model_type == "dinov2_with_registers"
   assert cfg.model.decoder.n_embd == dec["n_embd"] and cfg.model.decoder.resid_pdrop == 0.1
   for x, y in zip(jax.tree.leaves(imported), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
