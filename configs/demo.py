@@ -29,7 +29,7 @@ def get_config() -> ConfigDict:
       image_column="image", caption_column="caption"))  # tables, hf
   c.data.image_size = 64
   c.data.resize = "crop"  # shorter side + centre crop, or "squash"
-  c.data.crop_fraction = 1.0  # "crop": the centre square's share of the shorter side
+  c.data.crop_fraction = 1.0  # centre kept: of the shorter side ("crop"), each side ("squash")
   c.data.resample = "auto"  # area to shrink 2x+, bilinear less, bicubic to enlarge; or a filter
   c.data.crop_scale = 0.0  # >0: random resized crops of this much to all of the area (training)
   c.data.bad_records = "skip"  # unusable records: "skip" (counted in the metrics) or "fail"

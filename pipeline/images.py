@@ -152,7 +152,9 @@ def decode_and_resize(data: bytes, size: int, mode: str = "crop", resample: str 
 
   mode "crop": the centre square, `crop_fraction` of the shorter side, to
   `size` (a processor's resize of the shorter side to S then centre crop C
-  is C / S); "squash": the whole image to `size` x `size`. With `rng` and
+  is C / S); "squash": the centre `crop_fraction` of each side (all of the
+  image at 1) to `size` x `size` (DeiT's resize to S x S then centre crop C
+  is C / S). With `rng` and
   `crop_scale` > 0 (training), a random resized crop instead: a region of
   `crop_scale` to all of the area, aspect ratio 3/4 to 4/3. resample "auto": area averaging to shrink by 2x or
   more, bilinear by less, bicubic to enlarge; or one of RESAMPLE's filters.
@@ -171,10 +173,10 @@ def decode_and_resize(data: bytes, size: int, mode: str = "crop", resample: str 
     cw = int(min(w, max(1, round(np.sqrt(area * ratio)))))
     top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
     return _resize(img[top:top + ch, left:left + cw], size, resample, out)
-  img = decode_image(data, int(np.ceil(size / crop_fraction)) if mode == "crop" else size)
+  img = decode_image(data, int(np.ceil(size / crop_fraction)))
   h, w = img.shape[:2]
   if mode == "crop":
-    side = max(1, int(round(min(h, w) * crop_fraction)))
-    top, left = (h - side) // 2, (w - side) // 2
-    img = img[top:top + side, left:left + side]
-  return _resize(img, size, resample, out)
+    h = w = min(h, w)
+  ch, cw = max(1, int(round(h * crop_fraction))), max(1, int(round(w * crop_fraction)))
+  top, left = (img.shape[0] - ch) // 2, (img.shape[1] - cw) // 2
+  return _resize(img[top:top + ch, left:left + cw], size, resample, out)

@@ -137,6 +137,45 @@ def test_a_processors_centre_crop_cuts_what_it_cuts():
     images.decode_and_resize(buf.getvalue(), 32, "crop", crop_fraction=1.5)
 
 
+PROCESSORS = [  # (processor, its settings, the data config import-hf makes of them)
+    ("ViTImageProcessor", dict(size={"height": 32, "width": 32}), ("squash", 1.0)),
+    ("CLIPImageProcessor", dict(size={"shortest_edge": 36}, crop_size=32), ("crop", 32 / 36)),
+    ("DeiTImageProcessor", dict(size={"height": 36, "width": 36}, crop_size=32),
+     ("squash", 32 / 36)),
+]
+
+
+@pytest.mark.parametrize("cls, settings, expected", PROCESSORS, ids=[p[0] for p in PROCESSORS])
+def test_imported_image_settings_preprocess_as_the_processor(tmp_path, cls, settings, expected):
+  """A photo-like image through the Hugging Face processor and through the
+  data config import-hf makes of it: the same pixels, but for the resampling
+  filters' own rounding (PIL's against OpenCV's); and export-hf writes the
+  processor back."""
+  import io
+  from PIL import Image
+  from pipeline import images as images_lib
+  from trainer import config as config_lib
+  processor = getattr(transformers, cls)(resample=3, image_mean=[0.4, 0.5, 0.6],
+                                         image_std=[0.2, 0.3, 0.25], **settings)
+  cfg = config_lib.load("demo")
+  importer._image_config(cfg, processor.to_dict(), 32, None)
+  assert (cfg.data.resize, cfg.data.crop_fraction) == pytest.approx(expected)
+  assert cfg.data.image_size == 32 and cfg.data.resample == "bicubic"
+  y, x = np.mgrid[0:90, 0:120] / 90.0
+  img = np.stack([np.sin(3 * x) * 0.5 + 0.5, y, np.cos(2 * x * y) * 0.5 + 0.5], -1)
+  buf = io.BytesIO()
+  Image.fromarray((img * 255).astype(np.uint8)).save(buf, "PNG")
+  ref = processor(Image.open(io.BytesIO(buf.getvalue())), return_tensors="np")["pixel_values"][0]
+  ours = images_lib.decode_and_resize(buf.getvalue(), 32, cfg.data.resize, cfg.data.resample,
+                                      crop_fraction=cfg.data.crop_fraction)
+  ours = (ours / 255.0 - np.array(cfg.model.image_mean)) / np.array(cfg.model.image_std)
+  assert np.abs(ours.transpose(2, 0, 1) - ref).mean() < 0.03
+  back = exporter.image_processor(cfg).to_dict()
+  assert {k: back[k] for k in ("size", "crop_size", "do_center_crop") if k in settings} \
+      == {k: processor.to_dict()[k] for k in ("size", "crop_size", "do_center_crop")
+          if k in settings}
+
+
 @pytest.mark.parametrize("whole", ["CLIPModel", "SiglipModel"])
 def test_a_whole_image_text_model_gives_its_vision_tower(tmp_path, whole):
   """`import-hf --encoder` of a whole CLIP or SigLIP checkpoint (text tower

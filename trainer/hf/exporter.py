@@ -93,22 +93,25 @@ def encoder_config(enc: ViTConfig):
 
 def image_processor(cfg):
   """The run's image preprocessing as a Hugging Face image processor:
-  "squash" resizes to height x width (ViTImageProcessor); "crop" resizes the
-  shorter side to image_size / crop_fraction and crops the centre square
-  (CLIPImageProcessor, as CLIP and DINOv2 preprocess)."""
-  from transformers import CLIPImageProcessor, ViTImageProcessor
+  "squash" resizes to height x width (ViTImageProcessor), then, with a
+  crop_fraction under 1, crops the centre (DeiTImageProcessor); "crop"
+  resizes the shorter side to image_size / crop_fraction and crops the centre
+  square (CLIPImageProcessor, as CLIP and DINOv2 preprocess)."""
+  from transformers import CLIPImageProcessor, DeiTImageProcessor, ViTImageProcessor
 
   d = cfg.data
   common = dict(resample={v: k for k, v in RESAMPLE.items()}.get(d.resample, 3),
                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                 image_mean=list(cfg.model.image_mean), image_std=list(cfg.model.image_std))
+  side = int(round(d.image_size / d.get("crop_fraction", 1.0)))
+  crop = {"height": d.image_size, "width": d.image_size}
   if d.resize == "crop":
-    side = int(round(d.image_size / d.get("crop_fraction", 1.0)))
     return CLIPImageProcessor(do_resize=True, size={"shortest_edge": side}, do_center_crop=True,
-                              crop_size={"height": d.image_size, "width": d.image_size},
-                              do_convert_rgb=True, **common)
-  return ViTImageProcessor(do_resize=True, size={"height": d.image_size, "width": d.image_size},
-                           **common)
+                              crop_size=crop, do_convert_rgb=True, **common)
+  if side != d.image_size:
+    return DeiTImageProcessor(do_resize=True, size={"height": side, "width": side},
+                              do_center_crop=True, crop_size=crop, **common)
+  return ViTImageProcessor(do_resize=True, size=crop, **common)
 
 
 def _module_names(hf_config, saved_names: list[str]) -> dict[str, str]:

@@ -170,21 +170,19 @@ def _encoder_tensors(tensors: dict, enc: ViTConfig, under: str, source: str) -> 
 def _image_config(cfg: ConfigDict, image: dict, native: int, image_size: int | None) -> None:
   """The image processor's resizing, resampling and normalisation as the
   data and model config: a resize to height x width is "squash"; the
-  shorter side to S and a centre crop C (CLIP, DINOv2) is "crop" with
+  shorter side to S and a centre crop C (CLIP, DINOv2) is "crop"; either
+  followed by a centre crop C of a resize to S (CLIP, DINOv2, DeiT) has
   `crop_fraction` C / S."""
   size = image.get("size") or {}
   size = {"height": size, "width": size} if isinstance(size, int) else size
   crop = image.get("crop_size") or {}
   crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
-  if "shortest_edge" in size:
-    side = int(size["shortest_edge"])
-    cut = int(crop.get("height", side)) if image.get("do_center_crop", bool(crop)) else side
-    cfg.data.resize, cfg.data.crop_fraction = "crop", min(1.0, cut / side)
-    native = cut
-  else:
-    cfg.data.resize, cfg.data.crop_fraction = "squash", 1.0
-    native = int(size.get("height", native))
-  cfg.data.image_size = image_size or native
+  square = "shortest_edge" not in size
+  side = int(size.get("height", native) if square else size["shortest_edge"])
+  cut = int(crop.get("height", side)) if image.get("do_center_crop", bool(crop)) else side
+  cfg.data.resize = "squash" if square else "crop"
+  cfg.data.crop_fraction = min(1.0, cut / side)
+  cfg.data.image_size = image_size or min(cut, side)
   cfg.data.resample = RESAMPLE.get(image.get("resample", 2), "bilinear")
   cfg.model.image_mean = tuple(image.get("image_mean", (0.5, 0.5, 0.5)))
   cfg.model.image_std = tuple(image.get("image_std", (0.5, 0.5, 0.5)))
