@@ -83,9 +83,9 @@ def _textbook_attention(q, k, v, mask, rate, key):
     (2, False, 0.0, jnp.float32), (1, True, 0.3, jnp.float32), (3, True, 0.2, jnp.float32),
     (2, False, 0.2, jnp.bfloat16)])
 def test_attention_gradient_equals_autodiff(groups, causal, rate, dtype):
-  """layers.attend's written-out backward pass against autodiff of the
-  textbook formula: shared keys per query group, causal mask, dropout."""
-  from trainer.models import layers
+  """attend's written-out backward pass against autodiff of the textbook
+  formula: shared keys per query group, causal mask, dropout."""
+  from trainer.models import attention
 
   rng = np.random.default_rng(0)
   b, lq, lk, h, d = 2, 5, 5 if causal else 9, 3, 8
@@ -99,14 +99,69 @@ def test_attention_gradient_equals_autodiff(groups, causal, rate, dtype):
     loss = lambda q, k, v: (attention(q, k, v, mask, rate, key).astype(jnp.float32) * w).sum()
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  (ours, ours_g), (want, want_g) = value_and_grads(layers.attend), value_and_grads(
-      _textbook_attention)
+  ours = lambda q, k, v, mask, rate, key: attention.attend(q, k, v, 0 if causal else None,
+                                                          rate, key)
+  (ours, ours_g), (want, want_g) = value_and_grads(ours), value_and_grads(_textbook_attention)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(ours, want, rtol=tol)
   for a, b_ in zip(ours_g, want_g):
     assert a.dtype == dtype
     np.testing.assert_allclose(np.float32(a), np.float32(b_), rtol=tol, atol=tol)
     assert float(jnp.abs(np.float32(a)).max()) > 0.1  # gradients that say something
+
+
+@pytest.mark.parametrize("groups,lq,lk,causal_from,dtype", [
+    (3, 5, 9, None, jnp.float32),  # cross-attention: captions sharing an image's keys
+    (1, 6, 6, 0, jnp.float32),  # training's causal self-attention
+    (1, 1, 8, 4, jnp.float32),  # a decoding step over the cache
+    (1, 3, 8, 2, jnp.float32),  # several queries over the cache
+    (1, 6, 6, 0, jnp.bfloat16)])
+def test_attention_backends_compute_the_same(groups, lq, lk, causal_from, dtype):
+  """"dot_product" (jax.nn.dot_product_attention, XLA's on this CPU) and
+  "xla": the same outputs and gradients for every mask attend takes."""
+  from trainer.models import attention
+
+  rng = np.random.default_rng(1)
+  b, h, d = 2, 4, 8
+  q = jnp.asarray(rng.normal(size=(b * groups, lq, h, d)), dtype)
+  k, v = (jnp.asarray(rng.normal(size=(b, h, lk, d)), dtype) for _ in range(2))
+  w = jnp.asarray(rng.normal(size=(b * groups, lq, h * d)), jnp.float32)
+
+  def value_and_grads(backend):
+    loss = lambda q, k, v: (attention.attend(q, k, v, causal_from, backend=backend)
+                            .astype(jnp.float32) * w).sum()
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  (a, a_g), (b_, b_g) = value_and_grads("xla"), value_and_grads("dot_product")
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(float(a), float(b_), rtol=tol)
+  for x, y in zip(a_g, b_g):
+    np.testing.assert_allclose(np.float32(x), np.float32(y), rtol=tol, atol=tol)
+  if causal_from is not None:  # the keys a query may not see get no gradient
+    last_seen = causal_from + lq - 1
+    assert not np.asarray(a_g[1][:, :, last_seen + 1:]).any()
+  with pytest.raises(ValueError, match="model.attention: unknown 'flash'"):
+    attention.resolve("flash")
+  assert attention.resolve("auto", "gpu") == "dot_product"
+  assert attention.resolve("auto", "cpu") == attention.resolve("auto", "tpu") == "xla"
+
+
+def test_a_captioner_decodes_the_same_with_either_backend():
+  """The whole model with "dot_product" attention: the logits of "xla", and
+  the same greedy and beam-search captions (its decoding masks included)."""
+  enc = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, image_size=32, patch_size=8)
+  dec = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+  models = [Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(0), attention=a)
+            for a in ("xla", "dot_product")]
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (3, 32, 32, 3)), jnp.uint8)
+  ids = jnp.asarray(rng.integers(0, 50, (3, 2, 7)), jnp.int32)
+  logits = [nnx.jit(lambda m: m(images, ids))(m) for m in models]
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+  for fn in (lambda m: generate.greedy(m, images, 8, 0, 3, 0),
+             lambda m: generate.beam_search(m, images, 8, 3, 0, 3, 0)):
+    np.testing.assert_array_equal(fn(models[0]), fn(models[1]))
 
 
 def test_cached_greedy_equals_full_recompute():

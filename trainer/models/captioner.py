@@ -16,7 +16,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from trainer.models.gpt2 import GPT2, GPT2Config
-from trainer.models import lora
+from trainer.models import attention as attention_lib, lora
 from trainer.models.layers import dense, fold
 from trainer.models.vit import ViT, ViTConfig
 
@@ -27,9 +27,10 @@ class Captioner(nnx.Module):
 
   def __init__(self, encoder: ViTConfig, decoder: GPT2Config, image_mean: Sequence[float],
                image_std: Sequence[float], rngs: nnx.Rngs, dtype=jnp.float32,
-               remat: str = "none", scan: bool = False):
-    self.encoder = ViT(encoder, rngs, dtype, remat, scan)
-    self.decoder = GPT2(decoder, rngs, dtype, remat, scan)
+               remat: str = "none", scan: bool = False, attention: str = "auto"):
+    backend = attention_lib.resolve(attention)
+    self.encoder = ViT(encoder, rngs, dtype, remat, scan, backend)
+    self.decoder = GPT2(decoder, rngs, dtype, remat, scan, backend)
     # As in VisionEncoderDecoderModel: a projection only when the widths differ.
     self.enc_to_dec_proj = (
         dense(encoder.hidden_size, decoder.n_embd, (None, "embed"), rngs, dtype)
@@ -67,7 +68,7 @@ def build_captioner(model_cfg: ConfigDict, seed: int = 0) -> Captioner:
       GPT2Config.from_dict(model_cfg.decoder.to_dict()),
       model_cfg.image_mean, model_cfg.image_std,
       rngs=nnx.Rngs(seed), dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat,
-      scan=model_cfg.scan_layers)
+      scan=model_cfg.scan_layers, attention=model_cfg.get("attention", "auto"))
   spec = lora.Spec.of(model_cfg)
   if spec is not None:
     lora.add_adapters(model, spec, seed)

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.models.layers import (FromDict, Mlp, attend, dense, dropout, fold, heads_first,
-                                   layer_keys, layer_norm, layer_stack, named, normal,
-                                   over_layers, remat_layer, split_heads)
+from trainer.models.attention import attend, heads_first, split_heads
+from trainer.models.layers import (FromDict, Mlp, dense, dropout, fold, layer_keys, layer_norm,
+                                   layer_stack, named, normal, over_layers, remat_layer)
 
 KV = tuple[jax.Array, jax.Array]
 
@@ -47,9 +47,10 @@ class GPT2Config(FromDict):
 class _Attention(nnx.Module):
   """Query, key, value and output projections."""
 
-  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype):
+  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype, attention: str):
     d = cfg.n_embd
     self.num_heads = cfg.n_head
+    self.attention = attention
     out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
     self.query = dense(d, d, ("embed", "heads"), rngs, dtype)
     self.key = dense(d, d, ("embed", "heads"), rngs, dtype)
@@ -58,9 +59,9 @@ class _Attention(nnx.Module):
     self.attn_pdrop = cfg.attn_pdrop
     self.resid_pdrop = cfg.resid_pdrop
 
-  def _attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask, key) -> jax.Array:
+  def _attend(self, x: jax.Array, k: jax.Array, v: jax.Array, causal_from, key) -> jax.Array:
     q = split_heads(self.query(x, fold(key, 2)), self.num_heads)
-    h = attend(q, k, v, mask, self.attn_pdrop, fold(key, 0))
+    h = attend(q, k, v, causal_from, self.attn_pdrop, fold(key, 0), self.attention)
     return dropout(self.out(h, fold(key, 3)), self.resid_pdrop, fold(key, 1))
 
   def _kv(self, x: jax.Array, key: jax.Array | None) -> KV:
@@ -73,18 +74,12 @@ class SelfAttention(_Attention):
   def __call__(self, x: jax.Array, cache: KV | None, index: jax.Array | int,
                key: jax.Array | None) -> tuple[jax.Array, KV | None]:
     k, v = self._kv(x, key)
-    lq = x.shape[1]
     if cache is None:
-      mask = jnp.tril(jnp.ones((lq, lq), bool))
-    else:
-      # Write this step's keys and values at `index`; attend to all up to it.
-      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 2)
-      cache = (k, v)
-      key_pos = jnp.arange(k.shape[2])
-      query_pos = index + jnp.arange(lq)
-      mask = key_pos[None, :] <= query_pos[:, None]
-    return self._attend(x, k, v, mask, key), cache
+      return self._attend(x, k, v, 0, key), None
+    # Write this step's keys and values at `index`; attend to all up to it.
+    k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 2)
+    v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 2)
+    return self._attend(x, k, v, index, key), (k, v)
 
 
 class CrossAttention(_Attention):
@@ -98,12 +93,12 @@ class CrossAttention(_Attention):
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype):
+  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype, attention: str):
     d, eps = cfg.n_embd, cfg.layer_norm_epsilon
     self.ln_1 = layer_norm(d, eps, rngs, dtype)
-    self.attn = SelfAttention(cfg, rngs, dtype)
+    self.attn = SelfAttention(cfg, rngs, dtype, attention)
     self.ln_cross_attn = layer_norm(d, eps, rngs, dtype)
-    self.crossattention = CrossAttention(cfg, rngs, dtype)
+    self.crossattention = CrossAttention(cfg, rngs, dtype, attention)
     self.ln_2 = layer_norm(d, eps, rngs, dtype)
     self.mlp = Mlp(d, cfg.n_inner or 4 * d, cfg.activation_function, rngs, dtype,
                    out_stddev=0.02 / math.sqrt(2 * cfg.n_layer), dropout_rate=cfg.resid_pdrop)
@@ -125,7 +120,7 @@ class GPT2(nnx.Module):
   """
 
   def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none",
-               scan: bool = False):
+               scan: bool = False, attention: str = "xla"):
     self.cfg = cfg
     self.dtype = dtype
     self.remat = remat
@@ -134,7 +129,7 @@ class GPT2(nnx.Module):
                          embedding_init=named(normal(), "vocab", "embed"))
     self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, rngs=rngs,
                          embedding_init=named(normal(0.01), None, "embed"))
-    self.h = layer_stack(lambda r: Block(cfg, r, dtype), cfg.n_layer, rngs, scan)
+    self.h = layer_stack(lambda r: Block(cfg, r, dtype, attention), cfg.n_layer, rngs, scan)
     self.ln_f = layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, rngs, dtype)
 
   def cross_kv(self, encoder_hidden: jax.Array, key: jax.Array | None = None):

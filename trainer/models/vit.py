@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.models.layers import (FromDict, GatedMlp, Mlp, attend, dense, dropout, fold,
-                                   heads_first, layer_keys, layer_norm, layer_stack, named,
-                                   over_layers, remat_layer, split_heads)
+from trainer.models.attention import attend, heads_first, split_heads
+from trainer.models.layers import (FromDict, GatedMlp, Mlp, dense, dropout, fold, layer_keys,
+                                   layer_norm, layer_stack, named, over_layers, remat_layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +91,10 @@ class ViTConfig(FromDict):
 
 class ViTAttention(nnx.Module):
 
-  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype):
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype, attention: str):
     d = cfg.hidden_size
     self.num_heads = cfg.num_attention_heads
+    self.attention = attention
     self.query = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
     self.key = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
     self.value = dense(d, d, ("embed", "heads"), rngs, dtype, use_bias=cfg.qkv_bias)
@@ -105,16 +106,16 @@ class ViTAttention(nnx.Module):
     q = split_heads(self.query(x, fold(key, 2)), self.num_heads)
     k = heads_first(self.key(x, fold(key, 3)), self.num_heads)
     v = heads_first(self.value(x, fold(key, 4)), self.num_heads)
-    h = attend(q, k, v, None, self.probs_dropout, fold(key, 0))
+    h = attend(q, k, v, None, self.probs_dropout, fold(key, 0), self.attention)
     return dropout(self.out(h, fold(key, 5)), self.out_dropout, fold(key, 1))
 
 
 class ViTLayer(nnx.Module):
 
-  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype):
+  def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype, attention: str):
     d = cfg.hidden_size
     self.layernorm_before = layer_norm(d, cfg.layer_norm_eps, rngs, dtype)
-    self.attention = ViTAttention(cfg, rngs, dtype)
+    self.attention = ViTAttention(cfg, rngs, dtype, attention)
     self.layernorm_after = layer_norm(d, cfg.layer_norm_eps, rngs, dtype)
     mlp = GatedMlp if cfg.use_swiglu_ffn else Mlp
     self.mlp = mlp(d, cfg.mlp_width, cfg.hidden_act, rngs, dtype,
@@ -142,7 +143,7 @@ class ViT(nnx.Module):
   the family's T tokens (class, distillation, registers), then the patches."""
 
   def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs, dtype=jnp.float32, remat: str = "none",
-               scan: bool = False):
+               scan: bool = False, attention: str = "xla"):
     d, p, fam = cfg.hidden_size, cfg.patch_size, cfg.family
     self.cfg = cfg
     self.dtype = dtype
@@ -166,8 +167,8 @@ class ViT(nnx.Module):
         init(rngs.params(), (1, len(fam.tokens) + num_patches, d)))
     self.pre_layernorm = (layer_norm(d, cfg.layer_norm_eps, rngs, dtype)
                           if fam.pre_layernorm else None)
-    self.layers = layer_stack(lambda r: ViTLayer(cfg, r, dtype), cfg.num_hidden_layers, rngs,
-                              scan)
+    self.layers = layer_stack(lambda r: ViTLayer(cfg, r, dtype, attention),
+                              cfg.num_hidden_layers, rngs, scan)
     self.layernorm = layer_norm(d, cfg.layer_norm_eps, rngs, dtype)
 
   def _embed_patches(self, x: jax.Array) -> jax.Array:
