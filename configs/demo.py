@@ -83,6 +83,7 @@ def get_config() -> ConfigDict:
   c.train.weight_decay = 0.01
   c.train.b1 = 0.9
   c.train.b2 = 0.98
+  c.train.mu_dtype = "float32"  # Adam's first moment; "bfloat16": a quarter less state
   c.train.grad_clip = 1.0
   # Regular expressions over parameter names (encoder/layers/0/mlp/fc/kernel):
   # only trainable parameters move and hold optimiser state. trainable empty:

@@ -105,3 +105,30 @@ def test_non_finite_steps_change_nothing():
   # train.nonfinite=skip passes healthy=True: the good step applies.
   p3, _, _, healthy, _ = fn(p, o, s, jnp.bool_(True), batch)
   assert bool(healthy) and not same(p3, params)
+
+
+def test_a_bfloat16_first_moment_trains_as_float32_does():
+  """train.mu_dtype "bfloat16": Adam's first moment in bfloat16, the second
+  and the parameters float32, and the same losses within bfloat16's error."""
+  from trainer import config as config_lib
+  graphdef, params, batch = _model_and_batch()
+  losses = {}
+  for mu_dtype in ("float32", "bfloat16"):
+    train = config_lib.load("demo").train
+    train.update(mu_dtype=mu_dtype, steps=6, warmup_steps=1, learning_rate=1e-2)
+    fn, opt = _step(graphdef, params, tx=optim.optimizer(train))
+    p, ok, out = params, jnp.bool_(True), []
+    for i in range(6):
+      p, opt, _, _, metrics = fn(p, opt, jnp.int32(i), ok, batch)
+      out.append(float(metrics["train/loss"]))
+    losses[mu_dtype] = out
+    adam = opt[1][0]
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(mu_dtype)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(p)} == {jnp.dtype(jnp.float32)}
+  assert losses["float32"][-1] < losses["float32"][0] - 0.1
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)
+  bad = config_lib.load("demo").train
+  bad.mu_dtype = "float16"
+  with pytest.raises(ValueError, match="train.mu_dtype: unknown 'float16'"):
+    optim.optimizer(bad)
