@@ -1,5 +1,6 @@
-"""Metric output: CLU writers (TensorBoard event files) plus `metrics.jsonl`,
-one JSON object per line with `step` and the scalars of that step.
+"""Metric output: TensorBoard event files (CLU's writer, where CLU and
+TensorFlow import) plus `metrics.jsonl`, one JSON object per line with `step`
+and the scalars of that step.
 
 Only process 0 writes; the others get a writer that does nothing. A resumed
 run first drops what the interrupted one logged past its checkpoint, from
@@ -69,79 +70,103 @@ def trim_events(folder: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def create_writer(workdir: str, resume_step: int = 0, stage: fs.Stage | None = None):
-  """A CLU MultiWriter: TensorBoard summaries and metrics.jsonl (process 0).
-  Neither keeps anything past `resume_step`: a run killed after its last
-  checkpoint logs those steps again. `stage`: the run's (one is made)."""
-  from clu import metric_writers  # imports TensorFlow: keep it off import paths
+class JsonlWriter:
+  """metrics.jsonl: a row of scalars per step, appended; rows past the step
+  resumed from are dropped first (they are logged again)."""
 
-  class JsonlWriter(metric_writers.MetricWriter):
+  def __init__(self, path: str, resume_step: int):
+    if os.path.exists(path):
+      with open(path) as f:
+        kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+      fs.write_text(path, "".join(kept))
+    self._file = open(path, "a")
 
-    def __init__(self, path: str, resume_step: int):
-      if os.path.exists(path):  # rows past the checkpoint resumed from are retrained
-        with open(path) as f:
-          kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-        fs.write_text(path, "".join(kept))
-      self._file = open(path, "a")
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(row) + "\n")
 
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-      row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-      self._file.write(json.dumps(row) + "\n")
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    pass
 
-    def write_summaries(self, step, values, metadata=None):
-      pass
+  def flush(self) -> None:
+    self._file.flush()
 
-    def write_images(self, step, images):
-      pass
+  def close(self) -> None:
+    self._file.close()
 
-    def write_videos(self, step, videos):
-      pass
 
-    def write_audios(self, step, audios, *, sample_rate):
-      pass
+class _Uploads:
+  """Last of the writers: after the others have flushed, their files to the bucket."""
 
-    def write_texts(self, step, texts):
-      pass
+  def __init__(self, stage: fs.Stage):
+    self._stage = stage
 
-    def write_histograms(self, step, arrays, num_buckets=None):
-      pass
+  def write_scalars(self, step, scalars) -> None:
+    pass
 
-    def write_hparams(self, hparams):
-      pass
+  def write_texts(self, step, texts) -> None:
+    pass
 
-    def flush(self):
-      self._file.flush()
+  def flush(self) -> None:
+    for rel in OUTPUTS:
+      self._stage.push(rel)
 
-    def close(self):
-      self._file.close()
+  def close(self) -> None:
+    self.flush()
 
-  class Uploads(JsonlWriter):
-    """Last of the writers: after the others have flushed, their files to the bucket."""
 
-    def __init__(self):
-      pass
+class Writers:
+  """Each call to every writer, in order."""
 
-    def write_scalars(self, step, scalars):
-      pass
+  def __init__(self, writers: list):
+    self.writers = writers
 
-    def flush(self):
-      for rel in OUTPUTS:
-        stage.push(rel)
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    for w in self.writers:
+      w.write_scalars(step, scalars)
 
-    def close(self):
-      self.flush()
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for w in self.writers:
+      w.write_texts(step, texts)
 
+  def flush(self) -> None:
+    for w in self.writers:
+      w.flush()
+
+  def close(self) -> None:
+    for w in self.writers:
+      w.close()
+
+
+def summary_writer(folder: str):
+  """CLU's TensorBoard writer, or None with one line saying why where CLU or
+  TensorFlow cannot be imported (a GPU image without them): metrics.jsonl
+  then holds every scalar."""
+  try:
+    from clu import metric_writers  # imports TensorFlow: keep it off import paths
+  except ImportError as e:
+    print(f"TensorBoard summaries off ({e}): every scalar goes to metrics.jsonl", flush=True)
+    return None
+  return metric_writers.SummaryWriter(folder)
+
+
+def create_writer(workdir: str, resume_step: int = 0, stage: fs.Stage | None = None) -> Writers:
+  """TensorBoard summaries and metrics.jsonl (process 0; other processes
+  write nothing). Neither keeps anything past `resume_step`: a run killed
+  after its last checkpoint logs those steps again. `stage`: the run's (one
+  is made)."""
   if jax.process_index() != 0:
-    return metric_writers.MultiWriter([])
+    return Writers([])
   stage = stage or fs.Stage(workdir)
   fs.makedirs(workdir)
   tensorboard, jsonl = (stage.pull(rel) for rel in OUTPUTS)
   trim_events(tensorboard, resume_step)
-  writers = [metric_writers.SummaryWriter(tensorboard), JsonlWriter(jsonl, resume_step)]
+  summaries = summary_writer(tensorboard)
+  writers = [w for w in (summaries, JsonlWriter(jsonl, resume_step)) if w is not None]
   if stage.remote:
-    writers.append(Uploads())
+    writers.append(_Uploads(stage))
     writers[-1].flush()  # the trimmed files replace the interrupted run's
-  return metric_writers.MultiWriter(writers)
+  return Writers(writers)
 
 
 OUTPUTS = ("tensorboard", "metrics.jsonl")  # WORKDIR-relative
