@@ -12,7 +12,8 @@ applies it with `kubectl apply -f -`. GPU pods find each other through the
 JobSet's headless service: process 0's pod is the coordinator and each pod's
 completion index its process id. TPU pods (--tpu-accelerator, on GKE) take
 `--distributed`: JAX reads the slice from the TPU environment. The JobSet
-controller must be installed in the cluster. No secrets go into the manifest:
+controller must be installed in the cluster. The pods' environment carries
+the XLA flags of launch/xla_flags.py for their chips. No secrets go into the manifest:
 name a Kubernetes Secret with --env-secret to pass e.g. HF_TOKEN.
 """
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 
 import command_line
+import xla_flags
 
 PORT = 1234
 
@@ -37,6 +39,9 @@ def manifest(args: argparse.Namespace) -> dict:
                "--num-processes", str(args.processes), "--process-id", "$(PROCESS_ID)"]
   env = [{"name": "PROCESS_ID", "valueFrom": {"fieldRef": {
       "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}}]
+  platform = "tpu" if args.tpu_accelerator else "gpu" if args.gpus_per_process else None
+  if platform:  # the XLA flags of launch/xla_flags.py, as a plain value to edit
+    env.append({"name": xla_flags.VARIABLE[platform], "value": " ".join(xla_flags.FLAGS[platform])})
   for item in args.env_secret:
     var, _, ref = item.partition("=")
     secret, _, key = ref.partition(":")

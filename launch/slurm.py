@@ -9,7 +9,8 @@ Writes nothing: the batch script goes to `sbatch` on its standard input
 (--dry-run prints it instead). The job runs `srun capjax ... --distributed`
 from this checkout (the cluster's shared file system), with the Python of
 --venv; JAX reads the node list, the process count and each process's rank
-from SLURM's environment. SLURM's SIGTERM before the time limit and on
+from SLURM's environment, and the GPU XLA flags of launch/xla_flags.py
+unless XLA_FLAGS is set. SLURM's SIGTERM before the time limit and on
 preemption makes capjax checkpoint and exit; --requeue (default) puts the job
 back in the queue, and it resumes from the run directory.
 """
@@ -21,6 +22,7 @@ import subprocess
 import sys
 
 import command_line
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +43,7 @@ def batch_script(args: argparse.Namespace) -> str:
   run = ["srun", "--kill-on-bad-exit=1", f"--output={args.logs}/%x-%j-%t.log",
          python, "-m", "trainer.cli", *args.command, "--distributed"]
   return "\n".join(["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
-                    "set -euo pipefail", f"cd {shlex.quote(REPO)}",
+                    "set -euo pipefail", f"cd {shlex.quote(REPO)}", xla_flags.shell_export("gpu"),
                     f"mkdir -p {shlex.quote(args.logs)}", shlex.join(run), ""])
 
 

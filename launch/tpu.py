@@ -9,8 +9,9 @@ Steps, each a gcloud command run from here (--dry-run prints them instead):
      worker and unpacked in ~/capjax;
   2. with --setup, the environment: a venv with capjax and jax[tpu];
   3. the command on all workers at once, detached, with `--distributed` (JAX
-     finds the pod's processes itself), each worker logging to
-     ~/capjax/logs/<worker hostname>.log.
+     finds the pod's processes itself) and the TPU flags of
+     launch/xla_flags.py unless LIBTPU_INIT_ARGS is set, each worker logging
+     to ~/capjax/logs/<worker hostname>.log.
 Several --tpu flags run one job over several slices (multi-slice, slices made
 together as a queued resource): JAX numbers the slices, and capjax's mesh
 puts data parallelism across them and everything else inside each.
@@ -27,6 +28,7 @@ import sys
 import time
 
 import command_line
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JAX_TPU = "jax[tpu]>=0.10.2,<0.11"  # the jax of setup.py, with the TPU runtime
@@ -40,7 +42,8 @@ def gcloud(args: argparse.Namespace, verb: str, *operands: str) -> list[str]:
 
 
 def commands(args: argparse.Namespace, archive: str) -> list[list[str]]:
-  run = (f"cd ~/capjax && mkdir -p logs && nohup setsid .venv/bin/capjax "
+  run = (f"cd ~/capjax && mkdir -p logs && {xla_flags.shell_export('tpu')} && "
+         f"nohup setsid .venv/bin/capjax "
          f"{shlex.join(args.command)} --distributed "
          f"> logs/$(hostname).log 2>&1 < /dev/null &")
   setup = ("cd ~/capjax && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && "

@@ -146,6 +146,7 @@ def test_tpu_dry_run_prints_the_gcloud_commands():
   for tpu, scripts in remote.items():
     assert len(scripts) == 3 and "tar -xzf" in scripts[0] and "jax[tpu]" in scripts[1]
     assert shlex.join(capjax) + " --distributed" in scripts[2] and "logs/$(hostname).log" in scripts[2]
+    assert 'export LIBTPU_INIT_ARGS="${LIBTPU_INIT_ARGS:-' in scripts[2]
   # every slice has its code and environment before any starts
   verbs = [("run" if "nohup" in " ".join(c) else "prep") for c in gcloud]
   assert verbs == ["prep"] * 6 + ["run"] * 2
@@ -164,6 +165,7 @@ def test_slurm_dry_run_prints_a_batch_script():
   for d in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu",
             "--time=02:00:00", "--signal=TERM@120", "--requeue"):
     assert d in directives, d
+  assert "--xla_gpu_enable_latency_hiding_scheduler=true" in script
   srun = shlex.split(next(l for l in script.splitlines() if l.startswith("srun")))
   assert srun[srun.index("-m") + 1:] == ["trainer.cli", "train", "--config", "c.py",
                                          "--workdir", "/shared/run", "--distributed"]
@@ -177,6 +179,28 @@ JOBSET_FIELDS = {  # JobSet v1alpha2 (jobset.x-k8s.io), the fields capjax writes
     "spec.failurePolicy": {"maxRestarts", "restartStrategy", "rules"},
     "spec.replicatedJobs[]": {"name", "template", "replicas", "dependsOn"},
 }
+
+
+def test_the_gpu_xla_flags_are_known_to_xla():
+  """The launchers' XLA_FLAGS for GPUs: set unless the job's environment has
+  its own, and every one known to XLA, which refuses to start with a flag it
+  does not know (as it does here with one made up)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("xla_flags",
+                                                os.path.join(REPO, "launch", "xla_flags.py"))
+  xla_flags = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(xla_flags)
+  line = xla_flags.shell_export("gpu")
+  for own, want in (("", " ".join(xla_flags.GPU)), ("--mine", "--mine")):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(["bash", "-c", f'{line}; printf %s "$XLA_FLAGS"'], capture_output=True,
+                          text=True, timeout=30, env={**env, **({"XLA_FLAGS": own} if own else {})})
+    assert proc.stdout == want
+  check = [sys.executable, "-c", "import jax; jax.numpy.ones(2).block_until_ready()"]
+  for flags, starts in ((" ".join(xla_flags.GPU), True), ("--xla_gpu_made_up_flag=true", False)):
+    proc = subprocess.run(check, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags})
+    assert (proc.returncode == 0) == starts, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("accelerator", ["gpu", "tpu"])
@@ -209,13 +233,16 @@ def test_kubernetes_dry_run_prints_a_valid_jobset(accelerator):
   assert container["volumeMounts"] == [{"name": "volume-0", "mountPath": "/mnt/shared"}]
   assert spec["template"]["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "shared"}
   secret = next(e for e in container["env"] if e["name"] == "HF_TOKEN")
+  env = {e["name"]: e.get("value") for e in container["env"]}
   assert secret["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "HF_TOKEN"}
   if accelerator == "gpu":
     assert command[6:] == ["--coordinator", "coco-workers-0-0.coco:1234", "--num-processes",
                            "4", "--process-id", "$(PROCESS_ID)"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"]
   else:
     assert command[6:] == ["--distributed"]
+    assert "--xla_tpu_overlap_compute_collective_tc=true" in env["LIBTPU_INIT_ARGS"]
     assert spec["template"]["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4"
 
 
