@@ -164,6 +164,33 @@ def test_a_captioner_decodes_the_same_with_either_backend():
     np.testing.assert_array_equal(fn(models[0]), fn(models[1]))
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_decoding_reports_its_captions_log_probability(beams):
+  """The log-probability greedy and beam search report for their caption is
+  the sum a teacher-forced pass over it gives, up to and including EOS."""
+  m = _model()
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
+  bos, pad = 0, 1
+  # No token twice (this random model would repeat one), EOS a token some
+  # captions reach early: the sums count up to EOS, the banned tokens'
+  # probability mass included as the model gives it.
+  eos = int(generate.greedy(m, images, 8, bos, -1, pad, 1)[0, 3])
+  if beams == 1:
+    ids, total = generate.greedy(m, images, 8, bos, eos, pad, 1, with_logprob=True)
+  else:
+    ids, total = generate.beam_search(m, images, 8, beams, bos, eos, pad, 1.0, False, 1,
+                                      with_logprob=True)
+  ids = np.asarray(ids)
+  assert (ids == eos).any() and not (ids == eos).all(axis=1).any()  # ends both ways
+  inputs = np.concatenate([np.full((4, 1), bos), ids[:, :-1]], axis=1)
+  logp = jax.nn.log_softmax(_forward(m, images, jnp.asarray(inputs)[:, None])[:, 0], -1)
+  picked = np.take_along_axis(np.asarray(logp), ids[..., None], -1)[..., 0]
+  ended = np.cumsum(ids == eos, axis=1) - (ids == eos)  # EOSes before each position
+  want = np.where(ended == 0, picked, 0.0).sum(axis=1)
+  np.testing.assert_allclose(np.asarray(total), want, rtol=1e-4, atol=1e-4)
+
+
 def test_cached_greedy_equals_full_recompute():
   m = _model()
   rng = np.random.default_rng(1)

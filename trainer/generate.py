@@ -31,34 +31,40 @@ def banned_tokens(seqs: jax.Array, length: jax.Array, n: int, vocab: int) -> jax
 
 
 def greedy(model: Captioner, images: jax.Array, max_length: int, bos: int, eos: int,
-           pad: int, no_repeat_ngram_size: int = 0) -> jax.Array:
-  """images [B, H, W, C] uint8 -> token ids [B, max_length], padded after EOS."""
+           pad: int, no_repeat_ngram_size: int = 0, with_logprob: bool = False):
+  """images [B, H, W, C] uint8 -> token ids [B, max_length], padded after EOS
+  (with `with_logprob`, and the sum of their log-probabilities [B])."""
   b = images.shape[0]
   cross = model.cross_kv(images)
   cache = model.decoder.init_cache(b, max_length)
   decode = _pure_decoder(model)
   tokens = jnp.full((b, max_length), pad, jnp.int32)
   state = (jnp.int32(0), jnp.full((b,), bos, jnp.int32), tokens,
-           jnp.zeros((b,), bool), cache)
+           jnp.zeros((b,), bool), cache, jnp.zeros((b,), jnp.float32))
 
   def cond(s):
-    i, _, _, done, _ = s
+    i, _, _, done, _, _ = s
     return (i < max_length) & ~jnp.all(done)
 
   def body(s):
-    i, last, tokens, done, cache = s
+    i, last, tokens, done, cache, total = s
     logits, cache = decode(last[:, None], cross, cache, i)
     logits = logits[:, -1]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32)) if with_logprob else None
     if no_repeat_ngram_size:
       seqs = jnp.concatenate([jnp.full((b, 1), bos, jnp.int32), tokens], axis=1)
       ban = banned_tokens(seqs, i + 1, no_repeat_ngram_size, logits.shape[-1])
       logits = jnp.where(ban, -jnp.inf, logits)
     nxt = top_k(logits, 1)[1][:, 0]
+    if with_logprob:
+      chosen = jnp.take_along_axis(logp, nxt[:, None], axis=1)[:, 0]
+      total = total + jnp.where(done, 0.0, chosen)
     nxt = jnp.where(done, pad, nxt)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], i, 1)
-    return i + 1, nxt, tokens, done | (nxt == eos), cache
+    return i + 1, nxt, tokens, done | (nxt == eos), cache, total
 
-  return jax.lax.while_loop(cond, body, state)[2]
+  out = jax.lax.while_loop(cond, body, state)
+  return (out[2], out[5]) if with_logprob else out[2]
 
 
 def _pure_decoder(model: Captioner):
@@ -94,9 +100,10 @@ def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: int,
-                     param_shardings=None, batch_sharding=None):
-  """A jitted (params, images) -> token ids, sharded over the batch axes:
-  greedy when `eval_cfg.num_beams` is 1, beam search otherwise."""
+                     param_shardings=None, batch_sharding=None, with_logprob: bool = False):
+  """A jitted (params, images) -> token ids (and with `with_logprob` the sum
+  of their log-probabilities), sharded over the batch axes: greedy when
+  `eval_cfg.num_beams` is 1, beam search otherwise."""
   stopping = {"true": True, "false": False, "never": "never"}.get(
       str(eval_cfg.early_stopping).lower())
   if stopping is None:
@@ -107,14 +114,15 @@ def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: 
     model = nnx.merge(graphdef, params)
     ngram = eval_cfg.no_repeat_ngram_size
     if eval_cfg.num_beams == 1:
-      return greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram)
+      return greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram, with_logprob)
     return beam_search(model, images, eval_cfg.max_length, eval_cfg.num_beams, bos, eos, pad,
-                       eval_cfg.length_penalty, stopping, ngram)
+                       eval_cfg.length_penalty, stopping, ngram, with_logprob)
 
   if batch_sharding is None:
     return jax.jit(fn)
   return jax.jit(fn, in_shardings=(param_shardings, batch_sharding),
-                 out_shardings=batch_sharding)
+                 out_shardings=(batch_sharding, batch_sharding) if with_logprob
+                 else batch_sharding)
 
 
 def decode_text(tok, ids, eos: int) -> list[str]:
@@ -129,15 +137,16 @@ def decode_text(tok, ids, eos: int) -> list[str]:
 
 def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams: int,
                 bos: int, eos: int, pad: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, no_repeat_ngram_size: int = 0
-                ) -> jax.Array:
+                early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
+                with_logprob: bool = False):
   """Beam search as `transformers`' `generate(num_beams=...)` computes it.
 
   Keeps 2 x num_beams candidates a step, finished hypotheses scored by
   sum log-prob / length ** length_penalty, and the same stopping rules
   (`early_stopping` True, False or "never"), and `no_repeat_ngram_size`.
   images [B, H, W, C] uint8 ->
-  the best hypothesis per image [B, max_length], padded after EOS.
+  the best hypothesis per image [B, max_length], padded after EOS (with
+  `with_logprob`, and the sum of its tokens' log-probabilities [B]).
   """
   b, k = images.shape[0], num_beams
   keep = 2 * k
@@ -150,7 +159,8 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
   state = dict(
       cur=jnp.int32(1), running=running, running_scores=jnp.tile(
           jnp.concatenate([jnp.zeros((1,)), jnp.full((k - 1,), neg)]), (b, 1)).astype(jnp.float32),
-      sequences=running, scores=jnp.full((b, k), neg), finished=jnp.zeros((b, k), bool),
+      sequences=running, scores=jnp.full((b, k), neg), sums=jnp.zeros((b, k), jnp.float32),
+      finished=jnp.zeros((b, k), bool),
       open=jnp.ones((b, 1), bool), all_stopped=jnp.bool_(False), cache=cache)
   top_mask = jnp.arange(keep) < k
 
@@ -204,6 +214,7 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
     _, best = jax.lax.top_k(merged_scores, k)
     sequences = gather(jnp.concatenate([s["sequences"], cand], axis=1), best)
     scores = gather(merged_scores, best)
+    sums = gather(jnp.concatenate([s["sums"], top_logp], axis=1), best)
     finished = gather(jnp.concatenate([s["finished"], just_done], axis=1), best)
 
     cur = cur + 1
@@ -215,8 +226,9 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
     worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
     open_ = s["open"] & jnp.any(best_running > worst_done, axis=-1, keepdims=True)
     return dict(cur=cur, running=running, running_scores=running_scores, sequences=sequences,
-                scores=scores, finished=finished, open=open_, all_stopped=jnp.all(stopped),
-                cache=cache)
+                scores=scores, sums=sums, finished=finished, open=open_,
+                all_stopped=jnp.all(stopped), cache=cache)
 
   out = jax.lax.while_loop(cond, body, state)
-  return out["sequences"][:, 0, 1:]
+  ids = out["sequences"][:, 0, 1:]
+  return (ids, out["sums"][:, 0]) if with_logprob else ids
