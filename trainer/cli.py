@@ -1,4 +1,5 @@
-"""The `capjax` command: prepare, train, eval, predict, metrics, import-hf, export-hf.
+"""The `capjax` command: prepare, train, eval, predict, caption, metrics, import-hf,
+export-hf.
 
 Configs are Python files (`--config configs/demo.py`, or a name from
 `configs/`), overridden with `--config.KEY=VALUE`. Bad input ends the command
@@ -119,12 +120,33 @@ def _parser() -> argparse.ArgumentParser:
                  help=CHECKPOINT_HELP)
   s.add_argument("--output", required=True, help="JSONL file to write (local, gs:// or s3://)")
   s.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-  s.add_argument("--num-beams", type=int, help="beam search width (default: the config's "
-                 "eval.num_beams; 1 is greedy)")
-  s.add_argument("--max-length", type=int, help="most tokens per caption (default: the "
-                 "config's eval.max_length)")
-  s.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this "
-                 "size (default: the config's eval.no_repeat_ngram_size; 0 is off)")
+  _decoding_flags(s)
+
+  s = sub.add_parser("caption", help="recaption a whole image set, one Parquet file per input "
+                     "unit", description="Captions every image of the sources (as `prepare` "
+                     "reads them) into OUT/NAME.parquet per input file (00042.tar: "
+                     "00042.parquet) or per 10,000 records: key, caption, logprob (its mean "
+                     "token log-probability), org_caption (the source's own caption, or empty) "
+                     "and the checkpoint step; unusable images are skipped and counted in "
+                     "OUT/manifest.json. Each host takes its share of the units; run again, it "
+                     "writes only the units not yet written.")
+  s.add_argument("sources", nargs="+", metavar="SOURCE", help="WebDataset .tar or Parquet "
+                 "files (a folder, a glob or a brace pattern), a prepared folder, a CSV/JSON/"
+                 "JSONL table or a COCO caption JSON")
+  s.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+  s.add_argument("--out", required=True, help="output folder (local)")
+  s.add_argument("--batch-size", type=int, default=32, help="images per batch, rounded up to "
+                 "a multiple of this host's devices (default: 32)")
+  _decoding_flags(s)
+  s.add_argument("--process-index", type=int, help="this host's share: units i with "
+                 "i %% count == index (default: SLURM_PROCID, TPU_WORKER_ID, else 0)")
+  s.add_argument("--process-count", type=int, help="hosts sharing the units (default: "
+                 "SLURM_NTASKS, the TPU VM's workers, else 1)")
+  s.add_argument("--images", help="image folder of a COCO caption JSON")
+  s.add_argument("--image-column", help="table or Parquet column with images")
+  s.add_argument("--caption-column", help="table or Parquet column with the source's own "
+                 "captions; WebDataset: a field of each sample's .json (default: the .txt)")
+  s.add_argument("--id-column", help="Parquet: record keys (default: key, else FILE/ROW)")
 
   s = sub.add_parser("metrics", help="score caption predictions against references (COCO "
                      "caption evaluation), to JSON",
@@ -190,6 +212,22 @@ def _prepare(args) -> int:
                             args.beam_options)
   print(json.dumps(summary))
   return 0
+
+
+def _decoding_flags(s) -> None:
+  s.add_argument("--num-beams", type=int, help="beam search width (default: the config's "
+                 "eval.num_beams; 1 is greedy)")
+  s.add_argument("--max-length", type=int, help="most tokens per caption (default: the "
+                 "config's eval.max_length)")
+  s.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this "
+                 "size (default: the config's eval.no_repeat_ngram_size; 0 is off)")
+
+
+def _with_decoding(args, overrides: list[str]) -> list[str]:
+  """The decoding flags given, as overrides of the checkpoint's eval section."""
+  return [*overrides, *(f"config.eval.{flag}={getattr(args, flag)}"
+                        for flag in ("num_beams", "max_length", "no_repeat_ngram_size")
+                        if getattr(args, flag) is not None)]
 
 
 def _distributed_flags(s) -> None:
@@ -270,10 +308,7 @@ def _predict(args, overrides) -> int:
   for path in args.images:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: no such file")
-  for flag in ("num_beams", "max_length", "no_repeat_ngram_size"):
-    if getattr(args, flag) is not None:
-      overrides = [*overrides, f"config.eval.{flag}={getattr(args, flag)}"]
-  model = TrainedCaptioner(args.checkpoint, overrides)
+  model = TrainedCaptioner(args.checkpoint, _with_decoding(args, overrides))
 
   def batches():
     for i in range(0, len(args.images), args.batch_size):
@@ -292,6 +327,18 @@ def _predict(args, overrides) -> int:
       lines.append(json.dumps({"image": next(paths), "caption": caption, "token_ids": row}))
   fs.write_text(args.output, "".join(l + "\n" for l in lines))
   print(f"wrote {len(lines)} captions to {args.output}")
+  return 0
+
+
+def _caption(args, overrides) -> int:
+  from trainer import caption
+
+  options = {k: getattr(args, k) for k in ("images", "image_column", "caption_column",
+                                           "id_column")}
+  manifest = caption.caption(args.checkpoint, args.sources, args.out,
+                             _with_decoding(args, overrides), args.batch_size,
+                             args.process_index, args.process_count, options)
+  print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
   return 0
 
 
@@ -360,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _refuse_urls(args)
     if args.command == "prepare":
       return _prepare(args)
-    commands = {"train": _train, "eval": _eval, "predict": _predict, "metrics": _metrics,
+    commands = {"train": _train, "eval": _eval, "predict": _predict, "caption": _caption,
+                "metrics": _metrics,
                 "import-hf": _import_hf, "export-hf": _export_hf}
     return commands[args.command](args, overrides)
   except (OSError, ValueError, KeyError) as e:
@@ -377,13 +425,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # The flags and positionals that name files or folders.
-PATHS = ("source", "out", "images", "data_dir", "workdir", "checkpoint", "output",
+PATHS = ("source", "sources", "out", "images", "data_dir", "workdir", "checkpoint", "output",
          "predictions", "references", "hf_dir", "encoder", "decoder")
-POSITIONAL = {("prepare", "source"), ("predict", "images"), ("import-hf", "hf_dir"),
-              ("export-hf", "checkpoint")}
+POSITIONAL = {("prepare", "source"), ("predict", "images"), ("caption", "sources"),
+              ("import-hf", "hf_dir"), ("export-hf", "checkpoint")}
 # Those that may name a bucket (gs://, s3://): run directories and outputs.
 BUCKET_PATHS = {("prepare", "source"), ("prepare", "out"), ("train", "workdir"),
                 ("eval", "checkpoint"), ("eval", "out"), ("predict", "checkpoint"),
+                ("caption", "checkpoint"),
                 ("predict", "output"), ("import-hf", "out"), ("export-hf", "checkpoint"),
                 ("export-hf", "out"), ("metrics", "out")}
 

@@ -36,6 +36,9 @@ class TrainedCaptioner:
     self._generate = generate.make_generate_fn(
         r.graphdef, cfg.eval, self.bos, self.eos, self.pad,
         r.shardings, sharding.batch_sharding(self.mesh))
+    self._scored = generate.make_generate_fn(
+        r.graphdef, cfg.eval, self.bos, self.eos, self.pad, r.shardings,
+        sharding.batch_sharding(self.mesh), with_logprob=True)
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
   def decode(self, encoded: Sequence[bytes]) -> list[np.ndarray | images.BadImage]:
@@ -62,6 +65,17 @@ class TrainedCaptioner:
       return np.asarray(ids)
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+
+  def generate_scored(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One process's rows [B, H, W, 3] uint8 (a process running alone, on
+    its own devices) to token ids [B, L] and each caption's mean token
+    log-probability [B], EOS included."""
+    ids, total = self._scored(self.params, jax.device_put(
+        images, sharding.batch_sharding(self.mesh)))
+    ids, total = np.asarray(ids), np.asarray(total)
+    ended = ids == self.eos
+    lengths = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, ids.shape[1])
+    return ids, total / lengths
 
   def caption_batches(self, batches: Iterable[Sequence[tuple[str, bytes]]]):
     """Yields (captions, token ids) per batch of (name, encoded image) pairs

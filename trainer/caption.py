@@ -1,0 +1,282 @@
+"""`capjax caption`: a whole image set recaptioned, one Parquet file per unit
+of input, beside the images.
+
+The sources are read as `prepare` reads them (sources.open_source): a unit is
+one input file of a sharded source (`00042.tar` becomes `OUT/00042.parquet`)
+or a range of 10,000 records of any other (`OUT/records-000010000.parquet`).
+Every host runs alone on its own devices and takes the units
+`i % count == index` (`--process-index/--process-count`, or SLURM's or a TPU
+VM's environment), so hosts never wait for each other and a lost host loses
+only its unfinished units. A unit's file is written whole (a temporary file
+renamed) and records the unit's input key and the generation settings; the
+same command again keeps every file whose key and settings match and writes
+the rest, byte for byte what an uninterrupted run writes. Unusable images
+are skipped and counted by reason in `OUT/.caption/NAME.json`, and
+`OUT/manifest.json` gathers the counts of the units finished so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from pipeline import fs, images as images_lib, processes, sources
+from pipeline.sources import SourceError, TruncatedInput
+from pipeline.sources.base import RangeUnit
+from trainer import generate
+
+WORK = ".caption"  # per-unit counts and partial files
+MANIFEST = "manifest.json"
+EXAMPLES = 3  # records named for each reason they were skipped
+COLUMNS = ("key", "caption", "logprob", "org_caption", "step")
+
+
+def host_share(index: int | None, count: int | None) -> tuple[int, int]:
+  """(this host's index, the host count): the flags, else SLURM's or a TPU
+  VM's environment, else (0, 1)."""
+  env = os.environ
+  if index is None and count is None:
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+      index, count = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    elif "TPU_WORKER_ID" in env and env.get("TPU_WORKER_HOSTNAMES"):
+      index, count = int(env["TPU_WORKER_ID"]), len(env["TPU_WORKER_HOSTNAMES"].split(","))
+  index, count = (0 if index is None else index), (1 if count is None else count)
+  if count < 1 or not 0 <= index < count:
+    raise ValueError(f"--process-index {index} --process-count {count}: need "
+                     "0 <= index < count")
+  return index, count
+
+
+def unit_names(units: Sequence[Any]) -> list[str]:
+  """Each unit's output name: its input file's, without the extension, or
+  its first record's number; two units of one name are refused."""
+  names = []
+  for unit in units:
+    if isinstance(unit, RangeUnit):
+      names.append(f"records-{unit.start:09d}")
+    else:
+      base = os.path.basename(unit.name)
+      names.append(base.split(".")[0] or base)
+  seen: dict[str, Any] = {}
+  for name, unit in zip(names, units):
+    if name in seen:
+      raise SourceError(f"{seen[name].name} and {unit.name} would both be written as "
+                        f"{name}.parquet: caption them into separate --out folders")
+    seen[name] = unit
+  return names
+
+
+def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+  """`items` made by a thread of its own, up to `depth` ahead: images are
+  read and decoded while the devices generate."""
+  q: queue.Queue = queue.Queue(depth)
+  done = object()
+  stop = threading.Event()
+
+  def work():
+    try:
+      for item in items:
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.5)
+            break
+          except queue.Full:
+            pass
+        if stop.is_set():
+          return
+    except BaseException as e:  # raised again in the consumer
+      q.put(e)
+      return
+    q.put(done)
+
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
+  try:
+    while (item := q.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+class Job:
+  """One host's share of a caption run."""
+
+  def __init__(self, model: Any, out_dir: str, batch_size: int, settings: dict[str, Any],
+               progress_every: float = 10.0):
+    self.model, self.out_dir, self.settings = model, out_dir, settings
+    self.batch_size = batch_size
+    self.every = progress_every
+    self.work = os.path.join(out_dir, WORK)
+    os.makedirs(self.work, exist_ok=True)
+    for name in os.listdir(self.work):  # partial files of this host's dead runs
+      if processes.gone(name.split(".tmp-")[-1], ""):
+        os.remove(os.path.join(self.work, name))
+    self.done = self.skipped = 0
+    self.t0 = self.last = time.monotonic()
+
+  def _metadata(self, unit: Any) -> bytes:
+    return json.dumps({"unit": unit.key, **self.settings}, sort_keys=True).encode()
+
+  def finished(self, unit: Any, name: str) -> bool:
+    """Whether the unit's file is there, for the same input and settings."""
+    import pyarrow.parquet as pq
+    path = os.path.join(self.out_dir, name + ".parquet")
+    if not os.path.exists(os.path.join(self.work, name + ".json")) or not os.path.exists(path):
+      return False
+    meta = pq.read_schema(path).metadata or {}
+    return meta.get(b"capjax") == self._metadata(unit)
+
+  def _batches(self, unit: Any, counts: dict[str, Any]) -> Iterator[tuple[list, list]]:
+    """(records, decoded images) in batches; unusable records counted."""
+    skipped, examples = counts["skipped"], counts["skipped_examples"]
+
+    def skip(rec, reason):
+      skipped[reason] = skipped.get(reason, 0) + 1
+      if len(examples.setdefault(reason, [])) < EXAMPLES:
+        examples[reason].append(rec.get("path") or f"record {rec.get('id')}")
+
+    def decoded(pending):
+      kept, imgs = [], []
+      for rec, img in zip(pending, self.model.decode([r["image"] for r in pending])):
+        if isinstance(img, images_lib.BadImage):
+          skip(rec, str(img))
+        else:
+          kept.append(rec)
+          imgs.append(img)
+      return kept, imgs
+
+    pending: list[dict[str, Any]] = []
+    try:
+      for _, rec in unit.read():
+        if rec.get("error"):
+          skip(rec, rec["error"])
+          continue
+        pending.append(rec)
+        if len(pending) == self.batch_size:
+          yield decoded(pending)
+          pending = []
+    except TruncatedInput as e:
+      counts["truncated"] = str(e)
+    if pending:
+      yield decoded(pending)
+
+  def run_unit(self, unit: Any, name: str) -> dict[str, Any]:
+    """Captions one unit into OUT/NAME.parquet; returns its counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    counts: dict[str, Any] = {"unit": unit.key, "name": unit.name, "captioned": 0,
+                              "skipped": {}, "skipped_examples": {}, "truncated": ""}
+    rows: dict[str, list] = {c: [] for c in COLUMNS}
+    m = self.model
+    for recs, imgs in _prefetch(self._batches(unit, counts)):
+      if recs:
+        batch = np.zeros((self.batch_size, *imgs[0].shape), np.uint8)  # one compiled shape
+        batch[:len(imgs)] = imgs
+        ids, logprob = m.generate_scored(batch)
+        rows["caption"] += generate.decode_text(m.tok, ids[:len(recs)], m.eos)
+        rows["logprob"] += [float(x) for x in logprob[:len(recs)]]
+        rows["key"] += [str(r["id"]) for r in recs]
+        rows["org_caption"] += [r["captions"][0] if r["captions"] else "" for r in recs]
+        rows["step"] += [int(m.step)] * len(recs)
+      self.done += len(recs)
+      self._tick(counts)
+    table = pa.table({"key": pa.array(rows["key"], pa.string()),
+                      "caption": pa.array(rows["caption"], pa.string()),
+                      "logprob": pa.array(rows["logprob"], pa.float32()),
+                      "org_caption": pa.array(rows["org_caption"], pa.string()),
+                      "step": pa.array(rows["step"], pa.int64())})
+    table = table.replace_schema_metadata({"capjax": self._metadata(unit)})
+    counts["captioned"] = table.num_rows
+    tmp = os.path.join(self.work, f"{name}.parquet.tmp-{processes.owner()}")
+    try:
+      pq.write_table(table, tmp)
+      os.replace(tmp, os.path.join(self.out_dir, name + ".parquet"))
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    fs.write_text(os.path.join(self.work, name + ".json"), json.dumps(counts, indent=1))
+    return counts
+
+  def _tick(self, counts, force: bool = False) -> None:
+    skipped = self.skipped + sum(counts["skipped"].values())
+    if force or time.monotonic() - self.last >= self.every:
+      rate = (self.done + skipped) / max(time.monotonic() - self.t0, 1e-9)
+      print(f"caption: {self.done:,} images captioned, {skipped:,} skipped, "
+            f"{rate:,.1f} images/s", file=sys.stderr, flush=True)
+      self.last = time.monotonic()
+
+
+def write_manifest(out_dir: str, names: Sequence[str]) -> dict[str, Any]:
+  """OUT/manifest.json from the counts of the units finished so far, in order."""
+  units, captioned, skipped = [], 0, {}
+  for name in names:
+    path = os.path.join(out_dir, WORK, name + ".json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      c = json.load(f)
+    units.append({"file": name + ".parquet", **c})
+    captioned += c["captioned"]
+    for reason, n in c["skipped"].items():
+      skipped[reason] = skipped.get(reason, 0) + n
+  manifest = {"units": len(names), "finished": len(units), "captioned": captioned,
+              "skipped": skipped, "truncated": {u["name"]: u["truncated"]
+                                                for u in units if u["truncated"]},
+              "shards": units}
+  fs.write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
+  return manifest
+
+
+def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
+            batch_size: int = 32, process_index: int | None = None,
+            process_count: int | None = None, source_options: dict[str, Any] | None = None,
+            progress_every: float = 10.0) -> dict[str, Any]:
+  """Captions this host's share of the units of `specs` into `out_dir`;
+  returns the manifest."""
+  from trainer.inference import TrainedCaptioner
+
+  if fs.is_bucket(out_dir):
+    raise ValueError(f"--out {out_dir}: caption writes to a local folder (buckets: not yet)")
+  index, count = host_share(process_index, process_count)
+  units = []
+  for spec in specs:
+    units += sources.units(sources.open_source(spec, **(source_options or {})), None)
+  if not units:
+    raise SourceError(f"{', '.join(specs)}: no records")
+  names = unit_names(units)
+  mine = [i for i in range(len(units)) if i % count == index]
+  model = TrainedCaptioner(checkpoint, overrides)
+  devices = len(model.mesh.devices.flat)
+  batch = -(-max(batch_size, 1) // devices) * devices
+  e = model.cfg.eval
+  settings = {"checkpoint_step": int(model.step), "num_beams": int(e.num_beams),
+              "max_length": int(e.max_length),
+              "no_repeat_ngram_size": int(e.no_repeat_ngram_size),
+              "length_penalty": float(e.length_penalty), "early_stopping": str(e.early_stopping)}
+  os.makedirs(out_dir, exist_ok=True)
+  job = Job(model, out_dir, batch, settings, progress_every)
+  todo = [i for i in mine if not job.finished(units[i], names[i])]
+  print(f"caption: host {index} of {count}: {len(mine)} of {len(units)} units, "
+        f"{len(mine) - len(todo)} already written, kept", file=sys.stderr, flush=True)
+  for i in todo:
+    counts = job.run_unit(units[i], names[i])
+    job.skipped += sum(counts["skipped"].values())
+    write_manifest(out_dir, names)
+    print(f"caption: wrote {names[i]}.parquet ({counts['captioned']} captioned, "
+          f"{sum(counts['skipped'].values())} skipped{', truncated' if counts['truncated'] else ''})",
+          file=sys.stderr, flush=True)
+  manifest = write_manifest(out_dir, names)
+  elapsed = time.monotonic() - job.t0
+  print(f"caption: done, {job.done:,} images captioned and {job.skipped:,} skipped here in "
+        f"{elapsed:,.0f}s; {manifest['finished']} of {len(units)} units written",
+        file=sys.stderr, flush=True)
+  return manifest
