@@ -191,6 +191,22 @@ def test_decoding_reports_its_captions_log_probability(beams):
   np.testing.assert_allclose(np.asarray(total), want, rtol=1e-4, atol=1e-4)
 
 
+def test_sampling_draws_within_top_p():
+  """Sampling with a top-p too small to hold more than the likeliest token is
+  greedy decoding; at top-p 1 and a high temperature, rows with other keys
+  draw other captions."""
+  m = _model()
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
+  keys = jax.vmap(jax.random.key)(jnp.arange(4))
+  greedy = generate.greedy(m, images, 8, 0, 3, 1)
+  narrow = generate.greedy(m, images, 8, 0, 3, 1, sampling=generate.Sampling(keys, 1.0, 1e-6))
+  np.testing.assert_array_equal(narrow, greedy)
+  wide = generate.greedy(m, jnp.repeat(images[:1], 4, 0), 8, 0, 3, 1,
+                         sampling=generate.Sampling(keys, 5.0, 1.0))
+  assert len({tuple(r) for r in np.asarray(wide).tolist()}) > 1
+
+
 def test_cached_greedy_equals_full_recompute():
   m = _model()
   rng = np.random.default_rng(1)

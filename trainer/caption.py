@@ -23,6 +23,7 @@ import queue
 import sys
 import threading
 import time
+import zlib
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -181,7 +182,9 @@ class Job:
       if recs:
         batch = np.zeros((self.batch_size, *imgs[0].shape), np.uint8)  # one compiled shape
         batch[:len(imgs)] = imgs
-        ids, logprob = m.generate_scored(batch)
+        seeds = np.zeros((self.batch_size,), np.uint32)  # each image's own draws, by its key
+        seeds[:len(recs)] = [zlib.crc32(str(r["id"]).encode()) for r in recs]
+        ids, logprob = m.generate_scored(batch, seeds)
         rows["caption"] += generate.decode_text(m.tok, ids[:len(recs)], m.eos)
         rows["logprob"] += [float(x) for x in logprob[:len(recs)]]
         rows["key"] += [str(r["id"]) for r in recs]
@@ -239,9 +242,11 @@ def write_manifest(out_dir: str, names: Sequence[str]) -> dict[str, Any]:
 def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
             batch_size: int = 32, process_index: int | None = None,
             process_count: int | None = None, source_options: dict[str, Any] | None = None,
-            progress_every: float = 10.0) -> dict[str, Any]:
+            progress_every: float = 10.0, sampling: tuple[int, float, float] | None = None
+            ) -> dict[str, Any]:
   """Captions this host's share of the units of `specs` into `out_dir`;
-  returns the manifest."""
+  returns the manifest. `sampling` (seed, temperature, top_p): captions drawn,
+  each image's from its key and the seed, the same on every run."""
   from trainer.inference import TrainedCaptioner
 
   if fs.is_bucket(out_dir):
@@ -254,14 +259,15 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
     raise SourceError(f"{', '.join(specs)}: no records")
   names = unit_names(units)
   mine = [i for i in range(len(units)) if i % count == index]
-  model = TrainedCaptioner(checkpoint, overrides)
+  model = TrainedCaptioner(checkpoint, overrides, sampling)
   devices = len(model.mesh.devices.flat)
   batch = -(-max(batch_size, 1) // devices) * devices
   e = model.cfg.eval
   settings = {"checkpoint_step": int(model.step), "num_beams": int(e.num_beams),
               "max_length": int(e.max_length),
               "no_repeat_ngram_size": int(e.no_repeat_ngram_size),
-              "length_penalty": float(e.length_penalty), "early_stopping": str(e.early_stopping)}
+              "length_penalty": float(e.length_penalty), "early_stopping": str(e.early_stopping),
+              "sampling": list(sampling) if sampling else None}
   os.makedirs(out_dir, exist_ok=True)
   job = Job(model, out_dir, batch, settings, progress_every)
   todo = [i for i in mine if not job.finished(units[i], names[i])]

@@ -147,7 +147,9 @@ def _caption(args, overrides) -> int:
                                            "id_column")}
   manifest = caption.caption(args.checkpoint, args.sources, args.out,
                              _with_decoding(args, overrides), args.batch_size,
-                             args.process_index, args.process_count, options)
+                             args.process_index, args.process_count, options,
+                             sampling=(args.seed, args.temperature, args.top_p)
+                             if args.sample else None)
   print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
   return 0
 

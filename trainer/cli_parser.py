@@ -111,6 +111,13 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--batch-size", type=int, default=32, help="images per batch, rounded up to "
                  "a multiple of this host's devices (default: 32)")
   decoding_flags(s)
+  s.add_argument("--sample", action="store_true", help="draw each caption instead of "
+                 "searching for the most likely (--temperature, --top-p), each image's draws "
+                 "from --seed and its key: the same captions on every run")
+  s.add_argument("--temperature", type=float, default=1.0, help="with --sample (default: 1.0)")
+  s.add_argument("--top-p", type=float, default=1.0, help="with --sample: draw from the "
+                 "smallest set of tokens holding this much probability (default: 1.0, all)")
+  s.add_argument("--seed", type=int, default=0, help="with --sample (default: 0)")
   s.add_argument("--process-index", type=int, help="this host's share: units i with "
                  "i %% count == index (default: SLURM_PROCID, TPU_WORKER_ID, else 0)")
   s.add_argument("--process-count", type=int, help="hosts sharing the units (default: "

@@ -8,6 +8,8 @@ can change any more.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,10 +32,34 @@ def banned_tokens(seqs: jax.Array, length: jax.Array, n: int, vocab: int) -> jax
   return banned
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Tokens drawn instead of the most likely: from the softmax at
+  `temperature`, within the smallest set of tokens whose probability
+  reaches `top_p`; row r draws with `keys[r]`, folded with the position."""
+  keys: jax.Array  # [B] typed PRNG keys
+  temperature: float = 1.0
+  top_p: float = 1.0
+
+  def draw(self, logits: jax.Array, step: jax.Array) -> jax.Array:
+    x = logits.astype(jnp.float32) / self.temperature
+    if self.top_p < 1.0:
+      order = jnp.sort(x, axis=-1)[:, ::-1]
+      mass = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
+      # the smallest logit still inside: the first whose mass before it is < top_p
+      inside = (mass - jax.nn.softmax(order, axis=-1)) < self.top_p
+      floor = jnp.min(jnp.where(inside, order, jnp.inf), axis=-1, keepdims=True)
+      x = jnp.where(x >= floor, x, -jnp.inf)
+    keys = jax.vmap(jax.random.fold_in, (0, None))(self.keys, step)
+    return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+
 def greedy(model: Captioner, images: jax.Array, max_length: int, bos: int, eos: int,
-           pad: int, no_repeat_ngram_size: int = 0, with_logprob: bool = False):
+           pad: int, no_repeat_ngram_size: int = 0, with_logprob: bool = False,
+           sampling: Sampling | None = None):
   """images [B, H, W, C] uint8 -> token ids [B, max_length], padded after EOS
-  (with `with_logprob`, and the sum of their log-probabilities [B])."""
+  (with `with_logprob`, and the sum of their log-probabilities [B]); the most
+  likely token each step, or with `sampling` a drawn one."""
   b = images.shape[0]
   cross = model.cross_kv(images)
   cache = model.decoder.init_cache(b, max_length)
@@ -55,7 +81,7 @@ def greedy(model: Captioner, images: jax.Array, max_length: int, bos: int, eos: 
       seqs = jnp.concatenate([jnp.full((b, 1), bos, jnp.int32), tokens], axis=1)
       ban = banned_tokens(seqs, i + 1, no_repeat_ngram_size, logits.shape[-1])
       logits = jnp.where(ban, -jnp.inf, logits)
-    nxt = top_k(logits, 1)[1][:, 0]
+    nxt = top_k(logits, 1)[1][:, 0] if sampling is None else sampling.draw(logits, i)
     if with_logprob:
       chosen = jnp.take_along_axis(logp, nxt[:, None], axis=1)[:, 0]
       total = total + jnp.where(done, 0.0, chosen)
@@ -100,19 +126,31 @@ def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: int,
-                     param_shardings=None, batch_sharding=None, with_logprob: bool = False):
+                     param_shardings=None, batch_sharding=None, with_logprob: bool = False,
+                     sampling: tuple[int, float, float] | None = None):
   """A jitted (params, images) -> token ids (and with `with_logprob` the sum
   of their log-probabilities), sharded over the batch axes: greedy when
-  `eval_cfg.num_beams` is 1, beam search otherwise."""
+  `eval_cfg.num_beams` is 1, beam search otherwise. `sampling` (seed,
+  temperature, top_p): (params, images, row seeds [B] uint32) drawing each
+  row's tokens with a key of `seed` and its own row seed."""
   stopping = {"true": True, "false": False, "never": "never"}.get(
       str(eval_cfg.early_stopping).lower())
   if stopping is None:
     raise ValueError(f"eval.early_stopping: {eval_cfg.early_stopping!r} is not true, false "
                      "or never")
 
-  def fn(params, images):
+  if sampling is not None and (sampling[1] <= 0 or not 0 < sampling[2] <= 1):
+    raise ValueError(f"--temperature {sampling[1]} must be > 0 and --top-p {sampling[2]} in "
+                     "(0, 1]")
+
+  def fn(params, images, seeds=None):
     model = nnx.merge(graphdef, params)
     ngram = eval_cfg.no_repeat_ngram_size
+    if sampling is not None:
+      base = jax.random.key(sampling[0])
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(base, seeds)
+      return greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram, with_logprob,
+                    Sampling(keys, sampling[1], sampling[2]))
     if eval_cfg.num_beams == 1:
       return greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram, with_logprob)
     return beam_search(model, images, eval_cfg.max_length, eval_cfg.num_beams, bos, eos, pad,
@@ -120,7 +158,8 @@ def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: 
 
   if batch_sharding is None:
     return jax.jit(fn)
-  return jax.jit(fn, in_shardings=(param_shardings, batch_sharding),
+  ins = (param_shardings, batch_sharding) + ((batch_sharding,) if sampling else ())
+  return jax.jit(fn, in_shardings=ins,
                  out_shardings=(batch_sharding, batch_sharding) if with_logprob
                  else batch_sharding)
 

@@ -21,9 +21,11 @@ from trainer import generate, params as params_lib, sharding
 
 class TrainedCaptioner:
 
-  def __init__(self, checkpoint_path: str | params_lib.Restored, overrides: Sequence[str] = ()):
+  def __init__(self, checkpoint_path: str | params_lib.Restored, overrides: Sequence[str] = (),
+               sampling: tuple[int, float, float] | None = None):
     """A checkpoint (`overrides`: `config.KEY=VALUE` strings applied to its
-    config), or a model in memory (a run evaluating itself)."""
+    config), or a model in memory (a run evaluating itself). `sampling`
+    (seed, temperature, top_p): `generate_scored` draws its captions."""
     r = checkpoint_path if isinstance(checkpoint_path, params_lib.Restored) else \
         params_lib.restore(checkpoint_path, overrides)
     self.workdir, self.step, self.cfg, self.mesh, self.params = (
@@ -38,7 +40,8 @@ class TrainedCaptioner:
         r.shardings, sharding.batch_sharding(self.mesh))
     self._scored = generate.make_generate_fn(
         r.graphdef, cfg.eval, self.bos, self.eos, self.pad, r.shardings,
-        sharding.batch_sharding(self.mesh), with_logprob=True)
+        sharding.batch_sharding(self.mesh), with_logprob=True, sampling=sampling)
+    self.sampling = sampling
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
   def decode(self, encoded: Sequence[bytes]) -> list[np.ndarray | images.BadImage]:
@@ -66,12 +69,16 @@ class TrainedCaptioner:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(ids, tiled=True))
 
-  def generate_scored(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def generate_scored(self, images: np.ndarray, seeds: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """One process's rows [B, H, W, 3] uint8 (a process running alone, on
     its own devices) to token ids [B, L] and each caption's mean token
-    log-probability [B], EOS included."""
-    ids, total = self._scored(self.params, jax.device_put(
-        images, sharding.batch_sharding(self.mesh)))
+    log-probability [B], EOS included. Sampling draws row r with `seeds[r]`."""
+    batch = sharding.batch_sharding(self.mesh)
+    args = [jax.device_put(images, batch)]
+    if self.sampling is not None:
+      args.append(jax.device_put(np.asarray(seeds, np.uint32), batch))
+    ids, total = self._scored(self.params, *args)
     ids, total = np.asarray(ids), np.asarray(total)
     ended = ids == self.eos
     lengths = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, ids.shape[1])
