@@ -74,9 +74,10 @@ def unit_names(units: Sequence[Any]) -> list[str]:
   return names
 
 
-def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+def _prefetch(items: Iterator[Any], waited: list[float], depth: int = 2) -> Iterator[Any]:
   """`items` made by a thread of its own, up to `depth` ahead: images are
-  read and decoded while the devices generate."""
+  read and decoded while the devices generate. The seconds spent waiting for
+  an item are added to `waited[0]`."""
   q: queue.Queue = queue.Queue(depth)
   done = object()
   stop = threading.Event()
@@ -100,7 +101,12 @@ def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
   thread = threading.Thread(target=work, daemon=True)
   thread.start()
   try:
-    while (item := q.get()) is not done:
+    while True:
+      t = time.monotonic()
+      item = q.get()
+      waited[0] += time.monotonic() - t
+      if item is done:
+        break
       if isinstance(item, BaseException):
         raise item
       yield item
@@ -122,6 +128,7 @@ class Job:
       if processes.gone(name.split(".tmp-")[-1], ""):
         os.remove(os.path.join(self.work, name))
     self.done = self.skipped = 0
+    self.waited = [0.0]  # seconds the devices waited for images
     self.t0 = self.last = time.monotonic()
 
   def _metadata(self, unit: Any) -> bytes:
@@ -178,7 +185,7 @@ class Job:
                               "skipped": {}, "skipped_examples": {}, "truncated": ""}
     rows: dict[str, list] = {c: [] for c in COLUMNS}
     m = self.model
-    for recs, imgs in _prefetch(self._batches(unit, counts)):
+    for recs, imgs in _prefetch(self._batches(unit, counts), self.waited):
       if recs:
         batch = np.zeros((self.batch_size, *imgs[0].shape), np.uint8)  # one compiled shape
         batch[:len(imgs)] = imgs
@@ -271,6 +278,14 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
   os.makedirs(out_dir, exist_ok=True)
   job = Job(model, out_dir, batch, settings, progress_every)
   todo = [i for i in mine if not job.finished(units[i], names[i])]
+  if todo:  # compiled before the clock starts: rates and waits are the work's
+    t = time.monotonic()
+    side = model.cfg.data.image_size
+    model.generate_scored(np.zeros((batch, side, side, 3), np.uint8),
+                          np.zeros((batch,), np.uint32))
+    print(f"caption: decoding compiled in {time.monotonic() - t:.1f}s", file=sys.stderr,
+          flush=True)
+    job.t0 = job.last = time.monotonic()
   print(f"caption: host {index} of {count}: {len(mine)} of {len(units)} units, "
         f"{len(mine) - len(todo)} already written, kept", file=sys.stderr, flush=True)
   for i in todo:
@@ -283,6 +298,7 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
   manifest = write_manifest(out_dir, names)
   elapsed = time.monotonic() - job.t0
   print(f"caption: done, {job.done:,} images captioned and {job.skipped:,} skipped here in "
-        f"{elapsed:,.0f}s; {manifest['finished']} of {len(units)} units written",
-        file=sys.stderr, flush=True)
+        f"{elapsed:,.1f}s ({job.done / max(elapsed, 1e-9):,.2f} images/s, waiting for images "
+        f"{job.waited[0] / max(elapsed, 1e-9):.1%} of it); {manifest['finished']} of "
+        f"{len(units)} units written", file=sys.stderr, flush=True)
   return manifest
