@@ -149,7 +149,7 @@ def measure(name: str, images: int, new_tokens: int) -> dict:
     if proc.returncode:
       raise RuntimeError(f"capjax caption failed:\n{proc.stderr[-3000:]}")
     done = re.search(r"\(([\d,.]+) images/s, waiting for images ([\d.]+)% of it\)", proc.stderr)
-    ours, wait = float(done.group(1).replace(",", "")), float(done.group(2)) / 100
+    ours, wait = float(done.group(1).replace(",", "")), round(float(done.group(2)) / 100, 4)
     os.makedirs(os.path.join(tmp, "theirs"))
     processor = transformers.ViTImageProcessor.from_pretrained(hf_dir)
     theirs, n = transformers_loop(model, tok, processor, tars, os.path.join(tmp, "theirs"),

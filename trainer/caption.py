@@ -177,15 +177,25 @@ class Job:
     if pending:
       yield decoded(pending)
 
-  def run_unit(self, unit: Any, name: str) -> dict[str, Any]:
-    """Captions one unit into OUT/NAME.parquet; returns its counts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    counts: dict[str, Any] = {"unit": unit.key, "name": unit.name, "captioned": 0,
-                              "skipped": {}, "skipped_examples": {}, "truncated": ""}
-    rows: dict[str, list] = {c: [] for c in COLUMNS}
-    m = self.model
-    for recs, imgs in _prefetch(self._batches(unit, counts), self.waited):
+  def run(self, todo: Sequence[tuple[Any, str]]) -> Iterator[dict[str, Any]]:
+    """Captions each (unit, name) into OUT/NAME.parquet, yielding its counts
+    once its file is written. Images are read and decoded ahead, across
+    units, while the devices generate; batches never span two units, so a
+    unit's file does not depend on which units came before it."""
+    def stream():
+      for unit, name in todo:
+        counts: dict[str, Any] = {"unit": unit.key, "name": unit.name, "captioned": 0,
+                                  "skipped": {}, "skipped_examples": {}, "truncated": ""}
+        for recs, imgs in self._batches(unit, counts):
+          yield unit, name, counts, recs, imgs
+        yield unit, name, counts, None, None  # the unit's end
+
+    m, rows = self.model, {c: [] for c in COLUMNS}
+    for unit, name, counts, recs, imgs in _prefetch(stream(), self.waited):
+      if recs is None:
+        yield self._write(unit, name, counts, rows)
+        rows = {c: [] for c in COLUMNS}
+        continue
       if recs:
         batch = np.zeros((self.batch_size, *imgs[0].shape), np.uint8)  # one compiled shape
         batch[:len(imgs)] = imgs
@@ -199,6 +209,12 @@ class Job:
         rows["step"] += [int(m.step)] * len(recs)
       self.done += len(recs)
       self._tick(counts)
+
+  def _write(self, unit: Any, name: str, counts: dict[str, Any], rows: dict[str, list]
+             ) -> dict[str, Any]:
+    """The unit's Parquet file, whole or not at all, then its counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     table = pa.table({"key": pa.array(rows["key"], pa.string()),
                       "caption": pa.array(rows["caption"], pa.string()),
                       "logprob": pa.array(rows["logprob"], pa.float32()),
@@ -214,10 +230,11 @@ class Job:
       if os.path.exists(tmp):
         os.remove(tmp)
     fs.write_text(os.path.join(self.work, name + ".json"), json.dumps(counts, indent=1))
+    self.skipped += sum(counts["skipped"].values())
     return counts
 
   def _tick(self, counts, force: bool = False) -> None:
-    skipped = self.skipped + sum(counts["skipped"].values())
+    skipped = self.skipped + sum(counts["skipped"].values())  # this unit's, so far
     if force or time.monotonic() - self.last >= self.every:
       rate = (self.done + skipped) / max(time.monotonic() - self.t0, 1e-9)
       print(f"caption: {self.done:,} images captioned, {skipped:,} skipped, "
@@ -288,9 +305,7 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
     job.t0 = job.last = time.monotonic()
   print(f"caption: host {index} of {count}: {len(mine)} of {len(units)} units, "
         f"{len(mine) - len(todo)} already written, kept", file=sys.stderr, flush=True)
-  for i in todo:
-    counts = job.run_unit(units[i], names[i])
-    job.skipped += sum(counts["skipped"].values())
+  for i, counts in zip(todo, job.run([(units[i], names[i]) for i in todo])):
     write_manifest(out_dir, names)
     print(f"caption: wrote {names[i]}.parquet ({counts['captioned']} captioned, "
           f"{sum(counts['skipped'].values())} skipped{', truncated' if counts['truncated'] else ''})",
