@@ -213,6 +213,19 @@ def _open(path: str, mode: str):
   return _epath(path).open(mode) if is_bucket(path) else open(path, mode)
 
 
+def open_read(path: str):
+  """A file to read, local or in a bucket (read in blocks as it is consumed,
+  never downloaded whole)."""
+  return _open(path, "rb")
+
+
+def glob(pattern: str) -> list[str]:
+  """The bucket paths a glob pattern matches, sorted."""
+  filesystem, name = _filesystem(pattern)
+  prefix = scheme(pattern) + "://"
+  return sorted(prefix + p for p in filesystem.glob(name))
+
+
 def copy(src: str, dst: str) -> None:
   """One file, any store to any store, whole or not at all (to a bucket:
   one object upload, aborted if the copy fails or is interrupted)."""

@@ -395,3 +395,45 @@ def test_an_export_replaced_midway_leaves_the_previous_one_loadable(
   replaced = loaded(tmp_path / "replaced")
   assert all(np.array_equal(replaced[k], old[k] * 2) for k in old)
   assert fs.NEXT not in fs.listdir(remote)
+
+
+def test_tars_and_parquet_in_a_bucket_are_read_in_place(store, client, synthetic_coco,
+                                                        trained_run, tmp_path):
+  """img2dataset tars in a bucket: `prepare` reads them (streamed, as local
+  ones), and `caption` captions them as it does the same tars on local
+  disk; a Parquet file in the bucket too."""
+  import io
+  import tarfile
+  import pyarrow.parquet as pq
+  from tests.test_caption import _samples
+  scheme, env = store
+  root = f"{scheme}://{buckets.BUCKET}/web-{os.getpid()}"
+  samples = _samples(synthetic_coco)[:12]
+  (tmp_path / "tars").mkdir()
+  for t in range(2):
+    with tarfile.open(tmp_path / "tars" / f"{t:05d}.tar", "w") as tar:
+      for key, path, caption in samples[t * 6:(t + 1) * 6]:
+        for ext, data in (("jpg", path.read_bytes()), ("txt", caption.encode())):
+          info = tarfile.TarInfo(f"{key}.{ext}")
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+    client.copy(str(tmp_path / "tars" / f"{t:05d}.tar"), f"{root}/tars/{t:05d}.tar")
+  prepared = _capjax(env, "prepare", f"{root}/tars/{{00000..00001}}.tar", "--out",
+                     str(tmp_path / "prepared"))
+  assert json.loads(prepared.stdout.splitlines()[-1])["records"] == 12
+  flags = ("--checkpoint", str(trained_run), "--num-beams", "2", "--batch-size", "4")
+  _capjax(env, "caption", f"{root}/tars", "--out", str(tmp_path / "remote"), *flags)
+  _capjax(env, "caption", str(tmp_path / "tars"), "--out", str(tmp_path / "local"), *flags)
+  for t in range(2):
+    remote, local = (pq.read_table(tmp_path / d / f"{t:05d}.parquet").to_pylist()
+                     for d in ("remote", "local"))
+    assert [(r["key"], r["caption"]) for r in remote] == \
+        [(r["key"], r["caption"]) for r in local] and len(remote) == 6
+  import pyarrow as pa
+  pq.write_table(pa.table({"key": [k for k, _, _ in samples[:6]],
+                           "jpg": [p.read_bytes() for _, p, _ in samples[:6]],
+                           "txt": [c for _, _, c in samples[:6]]}), tmp_path / "part.parquet")
+  client.copy(str(tmp_path / "part.parquet"), f"{root}/pq/part.parquet")
+  _capjax(env, "caption", f"{root}/pq", "--out", str(tmp_path / "pq"), *flags)
+  assert pq.read_table(tmp_path / "pq" / "part.parquet").to_pylist() == \
+      pq.read_table(tmp_path / "local" / "00000.parquet").to_pylist()

@@ -65,13 +65,18 @@ class RangeUnit:
 
 
 class FileUnit:
-  """One input file; `read` is the format's."""
+  """One input file, local or in a bucket; `read` is the format's."""
 
   def __init__(self, path: str):
+    from pipeline import fs
     self.path = self.name = path
-    st = os.stat(path)
-    self.key = f"{os.path.abspath(path)} {st.st_size} {st.st_mtime_ns}"
-    self.size = st.st_size
+    if fs.is_bucket(path):  # its generation or ETag: a new upload is another input
+      self.size, version = fs.version(path)
+      self.key = f"{path} {self.size} {version}"
+    else:
+      st = os.stat(path)
+      self.key = f"{os.path.abspath(path)} {st.st_size} {st.st_mtime_ns}"
+      self.size = st.st_size
 
   def read(self) -> Iterator[tuple[int, dict[str, Any]]]:
     raise NotImplementedError
@@ -111,7 +116,11 @@ def _braces(pattern: str) -> list[str]:
 
 def input_files(spec: str, suffixes: Sequence[str]) -> list[str]:
   """The files a spec names: a brace pattern (`cc3m/{00000..00331}.tar`), a
-  glob, a folder (its files with `suffixes`, sorted), or one file."""
+  glob, a folder (its files with `suffixes`, sorted), or one file; local, or
+  in a bucket (gs://, s3://)."""
+  from pipeline import fs
+  if fs.is_bucket(spec):
+    return _bucket_files(spec, suffixes)
   if os.path.isdir(spec):
     files = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(tuple(suffixes)))
     if not files:
@@ -125,6 +134,28 @@ def input_files(spec: str, suffixes: Sequence[str]) -> list[str]:
         raise SourceError(f"{pattern}: matches no file")
       files.extend(found)
     elif os.path.isfile(pattern):
+      files.append(pattern)
+    else:
+      raise FileNotFoundError(f"{pattern}: no such file")
+  return list(dict.fromkeys(files))  # a file named twice is read once
+
+
+def _bucket_files(spec: str, suffixes: Sequence[str]) -> list[str]:
+  from pipeline import fs
+  spec = fs.absolute(spec)
+  if not glob.has_magic(spec) and "{" not in spec and fs.isdir(spec):
+    files = [fs.join(spec, n) for n in fs.listdir(spec) if n.endswith(tuple(suffixes))]
+    if not files:
+      raise SourceError(f"{spec}: no {' or '.join(suffixes)} files in this folder")
+    return files
+  files = []
+  for pattern in _braces(spec):
+    if glob.has_magic(pattern):
+      found = fs.glob(pattern)
+      if not found:
+        raise SourceError(f"{pattern}: matches no file")
+      files.extend(found)
+    elif fs.isfile(pattern):
       files.append(pattern)
     else:
       raise FileNotFoundError(f"{pattern}: no such file")

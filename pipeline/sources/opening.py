@@ -27,10 +27,11 @@ def _kind(path: str) -> str:
 
 
 def _tables(spec: str, suffix: str) -> bool:
-  """Names files with `suffix`: one, a glob or brace pattern, or a folder of them."""
-  if os.path.isdir(spec):
-    return any(f.endswith(suffix) for f in os.listdir(spec))
-  return spec.endswith(suffix) or (suffix + "}") in spec
+  """Names files with `suffix`: one, a glob or brace pattern, or a folder of
+  them (local or in a bucket)."""
+  if spec.endswith(suffix) or (suffix + "}") in spec:
+    return True
+  return fs.isdir(spec) and any(f.endswith(suffix) for f in fs.listdir(spec))
 
 
 def open_source(spec: str, images: str | None = None, split: str | None = None,
@@ -60,7 +61,11 @@ def open_source(spec: str, images: str | None = None, split: str | None = None,
   if spec.startswith("hf:"):
     return HFDatasetSource(spec[3:], split, image_column or "image",
                                    caption_column or "caption")
-  if fs.is_bucket(spec):  # of what prepare writes, only its folders are read from buckets
+  if fs.is_bucket(spec):  # a prepared folder, WebDataset tars or Parquet files
+    if _tables(spec, ".tar"):
+      return WebDatasetSource(spec, caption_column)
+    if _tables(spec, ".parquet"):
+      return ParquetSource(spec, image_column, caption_column, id_column)
     return records.PreparedSource(spec)
   if os.path.isdir(spec) and (os.path.exists(os.path.join(spec, records.MANIFEST))
                               or os.path.isdir(os.path.join(spec, records.WORK))):

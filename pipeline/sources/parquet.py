@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Sequence
 
+from pipeline import fs
 from pipeline.sources.base import (FileUnit, SourceError, TruncatedInput, caption_list,
                                    input_files, reason)
 from pipeline.sources.files import file_record
@@ -62,11 +63,12 @@ class ParquetUnit(FileUnit):
                caption_column: str | None = None, id_column: str | None = None):
     super().__init__(path)
     self.options = (image_column, caption_column, id_column)
-    self.folder = os.path.dirname(os.path.abspath(path))  # where an Image's path is
+    self.folder = os.path.dirname(fs.absolute(path))  # where an Image's path is
     self.stem = os.path.splitext(os.path.basename(path))[0]
     pq, unreadable = _pyarrow()
     try:
-      self.size = pq.read_metadata(path).num_rows
+      with fs.open_read(path) as f:
+        self.size = pq.read_metadata(f).num_rows
     except unreadable:
       self.size = 0  # `read` says why
 
@@ -87,16 +89,19 @@ class ParquetUnit(FileUnit):
 
   def read(self) -> Iterator[tuple[int, dict[str, Any]]]:
     pq, unreadable = _pyarrow()
+    f = fs.open_read(self.path)  # a bucket's file read by ranges, not copied
     try:
       # Pages read as needed, through a small buffer: memory bounded by a
       # batch of rows rather than by a row group.
-      pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=1 << 20)
+      pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=1 << 20)
     except (FileNotFoundError, PermissionError):
+      f.close()
       raise
     except unreadable as e:
+      f.close()
       raise TruncatedInput(f"{self.path}: not a readable Parquet file ({_reason(e)})") from None
     row = 0
-    with pf:
+    with f, pf:
       image, caption, record_id = _columns(self.path, pf.schema_arrow.names, *self.options)
       needed = list(dict.fromkeys(c for c in (image, caption, record_id) if c is not None))
       try:
@@ -121,12 +126,13 @@ class ParquetSource:
   def __init__(self, spec: str, image_column: str | None = None,
                caption_column: str | None = None, id_column: str | None = None):
     pq, unreadable = _pyarrow()
-    self.spec = os.path.abspath(spec)
+    self.spec = fs.absolute(spec)
     self.options = (image_column, caption_column, id_column)
-    self.files = [os.path.abspath(p) for p in input_files(spec, (".parquet",))]
+    self.files = [fs.absolute(p) for p in input_files(spec, (".parquet",))]
     for path in self.files:  # a missing column is found now, not midway through prepare
       try:
-        names = pq.read_schema(path).names
+        with fs.open_read(path) as f:
+          names = pq.read_schema(f).names
       except unreadable:
         continue  # its unit reports it
       _columns(path, names, *self.options)

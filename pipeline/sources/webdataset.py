@@ -18,6 +18,7 @@ import tarfile
 import zlib
 from typing import Any, Iterator
 
+from pipeline import fs
 from pipeline.sources.base import FileUnit, TruncatedInput, caption_list, input_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -93,7 +94,7 @@ class WebDatasetUnit(FileUnit):
       return TruncatedInput(f"{self.path}: truncated after {yielded} samples "
                             f"({str(e) or type(e).__name__})")
 
-    with open(self.path, "rb") as f:
+    with fs.open_read(self.path) as f:  # a bucket's tar streamed, not copied
       try:
         tar = tarfile.open(fileobj=f, mode="r|*", tarinfo=_header_class(last))
       except TypeError:  # what tarfile's gzip header reader raises when cut short
@@ -141,9 +142,9 @@ class WebDatasetSource:
   "caption"."""
 
   def __init__(self, spec: str, caption_field: str | None = None):
-    self.spec = os.path.abspath(spec)
+    self.spec = fs.absolute(spec)
     self.caption_field = caption_field
-    self.files = [os.path.abspath(p) for p in input_files(spec, (".tar",))]
+    self.files = [fs.absolute(p) for p in input_files(spec, (".tar",))]
 
   def units(self) -> list[WebDatasetUnit]:
     return [WebDatasetUnit(p, self.caption_field) for p in self.files]
