@@ -400,8 +400,9 @@ def test_an_export_replaced_midway_leaves_the_previous_one_loadable(
 def test_tars_and_parquet_in_a_bucket_are_read_in_place(store, client, synthetic_coco,
                                                         trained_run, tmp_path):
   """img2dataset tars in a bucket: `prepare` reads them (streamed, as local
-  ones), and `caption` captions them as it does the same tars on local
-  disk; a Parquet file in the bucket too."""
+  ones), and `caption` captions them into the bucket as it does the same
+  tars on local disk, and again keeps what it wrote; a Parquet file in the
+  bucket too."""
   import io
   import tarfile
   import pyarrow.parquet as pq
@@ -422,13 +423,16 @@ def test_tars_and_parquet_in_a_bucket_are_read_in_place(store, client, synthetic
                      str(tmp_path / "prepared"))
   assert json.loads(prepared.stdout.splitlines()[-1])["records"] == 12
   flags = ("--checkpoint", str(trained_run), "--num-beams", "2", "--batch-size", "4")
-  _capjax(env, "caption", f"{root}/tars", "--out", str(tmp_path / "remote"), *flags)
+  _capjax(env, "caption", f"{root}/tars", "--out", f"{root}/captions", *flags)
+  again = _capjax(env, "caption", f"{root}/tars", "--out", f"{root}/captions", *flags)
+  assert "2 already written, kept" in again.stderr
+  assert json.loads(client.read_text(f"{root}/captions/manifest.json"))["captioned"] == 12
   _capjax(env, "caption", str(tmp_path / "tars"), "--out", str(tmp_path / "local"), *flags)
   for t in range(2):
-    remote, local = (pq.read_table(tmp_path / d / f"{t:05d}.parquet").to_pylist()
-                     for d in ("remote", "local"))
-    assert [(r["key"], r["caption"]) for r in remote] == \
-        [(r["key"], r["caption"]) for r in local] and len(remote) == 6
+    with client.open_read(f"{root}/captions/{t:05d}.parquet") as f:
+      remote = pq.read_table(f).to_pylist()
+    local = pq.read_table(tmp_path / "local" / f"{t:05d}.parquet").to_pylist()
+    assert remote == local and len(remote) == 6
   import pyarrow as pa
   pq.write_table(pa.table({"key": [k for k, _, _ in samples[:6]],
                            "jpg": [p.read_bytes() for _, p, _ in samples[:6]],

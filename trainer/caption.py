@@ -8,7 +8,7 @@ Every host runs alone on its own devices and takes the units
 `i % count == index` (`--process-index/--process-count`, or SLURM's or a TPU
 VM's environment), so hosts never wait for each other and a lost host loses
 only its unfinished units. A unit's file is written whole (a temporary file
-renamed) and records the unit's input key and the generation settings; the
+renamed; in a bucket, one object upload) and records the unit's input key and the generation settings; the
 same command again keeps every file whose key and settings match and writes
 the rest, byte for byte what an uninterrupted run writes. Unusable images
 are skipped and counted by reason in `OUT/.caption/NAME.json`, and
@@ -122,11 +122,13 @@ class Job:
     self.model, self.out_dir, self.settings = model, out_dir, settings
     self.batch_size = batch_size
     self.every = progress_every
-    self.work = os.path.join(out_dir, WORK)
-    os.makedirs(self.work, exist_ok=True)
-    for name in os.listdir(self.work):  # partial files of this host's dead runs
-      if processes.gone(name.split(".tmp-")[-1], ""):
-        os.remove(os.path.join(self.work, name))
+    self.work = fs.join(out_dir, WORK)
+    # Partial files: beside the output, or for a bucket in local scratch.
+    self.partial = fs.scratch() if fs.is_bucket(out_dir) else self.work
+    os.makedirs(self.partial, exist_ok=True)
+    for name in os.listdir(self.partial):  # partial files of this host's dead runs
+      if ".tmp-" in name and processes.gone(name.split(".tmp-")[-1], ""):
+        os.remove(os.path.join(self.partial, name))
     self.done = self.skipped = 0
     self.waited = [0.0]  # seconds the devices waited for images
     self.t0 = self.last = time.monotonic()
@@ -137,10 +139,11 @@ class Job:
   def finished(self, unit: Any, name: str) -> bool:
     """Whether the unit's file is there, for the same input and settings."""
     import pyarrow.parquet as pq
-    path = os.path.join(self.out_dir, name + ".parquet")
-    if not os.path.exists(os.path.join(self.work, name + ".json")) or not os.path.exists(path):
+    path = fs.join(self.out_dir, name + ".parquet")
+    if not fs.exists(fs.join(self.work, name + ".json")) or not fs.exists(path):
       return False
-    meta = pq.read_schema(path).metadata or {}
+    with fs.open_read(path) as f:
+      meta = pq.read_schema(f).metadata or {}
     return meta.get(b"capjax") == self._metadata(unit)
 
   def _batches(self, unit: Any, counts: dict[str, Any]) -> Iterator[tuple[list, list]]:
@@ -222,14 +225,18 @@ class Job:
                       "step": pa.array(rows["step"], pa.int64())})
     table = table.replace_schema_metadata({"capjax": self._metadata(unit)})
     counts["captioned"] = table.num_rows
-    tmp = os.path.join(self.work, f"{name}.parquet.tmp-{processes.owner()}")
+    tmp = os.path.join(self.partial, f"{name}.parquet.tmp-{processes.owner()}")
+    final = fs.join(self.out_dir, name + ".parquet")
     try:
       pq.write_table(table, tmp)
-      os.replace(tmp, os.path.join(self.out_dir, name + ".parquet"))
+      if fs.is_bucket(final):
+        fs.copy(tmp, final)  # one object upload: whole or not at all
+      else:
+        os.replace(tmp, final)
     finally:
       if os.path.exists(tmp):
         os.remove(tmp)
-    fs.write_text(os.path.join(self.work, name + ".json"), json.dumps(counts, indent=1))
+    fs.write_text(fs.join(self.work, name + ".json"), json.dumps(counts, indent=1))
     self.skipped += sum(counts["skipped"].values())
     return counts
 
@@ -246,11 +253,10 @@ def write_manifest(out_dir: str, names: Sequence[str]) -> dict[str, Any]:
   """OUT/manifest.json from the counts of the units finished so far, in order."""
   units, captioned, skipped = [], 0, {}
   for name in names:
-    path = os.path.join(out_dir, WORK, name + ".json")
-    if not os.path.exists(path):
+    path = fs.join(out_dir, WORK, name + ".json")
+    if not fs.exists(path):
       continue
-    with open(path) as f:
-      c = json.load(f)
+    c = json.loads(fs.read_text(path))
     units.append({"file": name + ".parquet", **c})
     captioned += c["captioned"]
     for reason, n in c["skipped"].items():
@@ -259,7 +265,7 @@ def write_manifest(out_dir: str, names: Sequence[str]) -> dict[str, Any]:
               "skipped": skipped, "truncated": {u["name"]: u["truncated"]
                                                 for u in units if u["truncated"]},
               "shards": units}
-  fs.write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
+  fs.write_text(fs.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
 
 
@@ -273,8 +279,6 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
   each image's from its key and the seed, the same on every run."""
   from trainer.inference import TrainedCaptioner
 
-  if fs.is_bucket(out_dir):
-    raise ValueError(f"--out {out_dir}: caption writes to a local folder (buckets: not yet)")
   index, count = host_share(process_index, process_count)
   units = []
   for spec in specs:
@@ -292,7 +296,8 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
               "no_repeat_ngram_size": int(e.no_repeat_ngram_size),
               "length_penalty": float(e.length_penalty), "early_stopping": str(e.early_stopping),
               "sampling": list(sampling) if sampling else None}
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = fs.absolute(out_dir)
+  fs.makedirs(out_dir)
   job = Job(model, out_dir, batch, settings, progress_every)
   todo = [i for i in mine if not job.finished(units[i], names[i])]
   if todo:  # compiled before the clock starts: rates and waits are the work's

@@ -244,7 +244,7 @@ POSITIONAL = {("prepare", "source"), ("predict", "images"), ("caption", "sources
 # Those that may name a bucket (gs://, s3://): run directories and outputs.
 BUCKET_PATHS = {("prepare", "source"), ("prepare", "out"), ("train", "workdir"),
                 ("eval", "checkpoint"), ("eval", "out"), ("predict", "checkpoint"),
-                ("caption", "checkpoint"), ("caption", "sources"),
+                ("caption", "checkpoint"), ("caption", "sources"), ("caption", "out"),
                 ("predict", "output"), ("import-hf", "out"), ("export-hf", "checkpoint"),
                 ("export-hf", "out"), ("metrics", "out")}
 

@@ -107,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
                  "files (a folder, a glob or a brace pattern), a prepared folder, a CSV/JSON/"
                  "JSONL table or a COCO caption JSON")
   s.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-  s.add_argument("--out", required=True, help="output folder (local)")
+  s.add_argument("--out", required=True, help="output folder: local, gs://BUCKET/PATH or "
+                 "s3://BUCKET/PATH")
   s.add_argument("--batch-size", type=int, default=32, help="images per batch, rounded up to "
                  "a multiple of this host's devices (default: 32)")
   decoding_flags(s)
