@@ -187,3 +187,19 @@ def test_sampled_captions_are_the_same_on_every_run(trained_run, shards, caption
       [pq.read_table(captioned[0] / n) for n in sorted(_files(captioned[0]))]).to_pylist()]
   assert caps["a"] == caps["b"] and caps["a"] != caps["c"] and caps["a"] != beams
   assert all(r["logprob"] < 0 for r in runs["a"])
+
+
+def test_prepare_trains_on_the_new_captions(shards, captioned, tmp_path):
+  """`prepare --captions OUT`: the tars' images with the captions caption
+  wrote for them, the images it skipped left out."""
+  from pipeline import records
+  folder, expected = shards
+  out, _ = captioned
+  run_capjax("prepare", str(folder), "--captions", str(out), "--out", str(tmp_path / "p"))
+  source = records.PreparedSource(str(tmp_path / "p"))
+  got = {source[i]["id"]: source[i]["captions"] for i in range(len(source))}
+  rows = pa.concat_tables([pq.read_table(out / n) for n in sorted(_files(out))]).to_pylist()
+  assert got == {r["key"]: [r["caption"]] for r in rows} and len(got) == len(expected)
+  proc = run_capjax("prepare", str(folder), "--captions", str(tmp_path), "--out",
+                    str(tmp_path / "q"), check=False)
+  assert proc.returncode == 1 and "no 00000.parquet for" in proc.stderr

@@ -30,7 +30,6 @@ import numpy as np
 
 from pipeline import fs, images as images_lib, processes, sources
 from pipeline.sources import SourceError, TruncatedInput
-from pipeline.sources.base import RangeUnit
 from trainer import generate
 
 WORK = ".caption"  # per-unit counts and partial files
@@ -58,13 +57,7 @@ def host_share(index: int | None, count: int | None) -> tuple[int, int]:
 def unit_names(units: Sequence[Any]) -> list[str]:
   """Each unit's output name: its input file's, without the extension, or
   its first record's number; two units of one name are refused."""
-  names = []
-  for unit in units:
-    if isinstance(unit, RangeUnit):
-      names.append(f"records-{unit.start:09d}")
-    else:
-      base = os.path.basename(unit.name)
-      names.append(base.split(".")[0] or base)
+  names = [sources.unit_name(unit) for unit in units]
   seen: dict[str, Any] = {}
   for name, unit in zip(names, units):
     if name in seen:

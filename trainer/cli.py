@@ -39,6 +39,8 @@ def _prepare(args) -> int:
   source = sources.open_source(
       args.source, args.images, args.split, args.image_column, args.caption_column,
       args.data_dir, args.image_key, args.captions_key, args.id_key, args.id_column)
+  if args.captions:
+    source = sources.RecaptionedSource(source, args.captions)
   summary = prepare.prepare(source, args.out, args.num_shards, args.workers,
                             args.resize_shorter, args.jpeg_quality, args.runner,
                             args.beam_options)
@@ -237,13 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # The flags and positionals that name files or folders.
-PATHS = ("source", "sources", "out", "images", "data_dir", "workdir", "checkpoint", "output",
+PATHS = ("source", "sources", "captions", "out", "images", "data_dir", "workdir", "checkpoint", "output",
          "predictions", "references", "hf_dir", "encoder", "decoder")
 POSITIONAL = {("prepare", "source"), ("predict", "images"), ("caption", "sources"),
               ("import-hf", "hf_dir"), ("export-hf", "checkpoint")}
 # Those that may name a bucket (gs://, s3://): run directories and outputs.
-BUCKET_PATHS = {("prepare", "source"), ("prepare", "out"), ("train", "workdir"),
-                ("eval", "checkpoint"), ("eval", "out"), ("predict", "checkpoint"),
+BUCKET_PATHS = {("prepare", "source"), ("prepare", "captions"), ("prepare", "out"),
+                ("train", "workdir"), ("eval", "checkpoint"), ("eval", "out"), ("predict", "checkpoint"),
                 ("caption", "checkpoint"), ("caption", "sources"), ("caption", "out"),
                 ("predict", "output"), ("import-hf", "out"), ("export-hf", "checkpoint"),
                 ("export-hf", "out"), ("metrics", "out")}

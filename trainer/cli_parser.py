@@ -50,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--captions-key", default="captions/text", help="tfds: captions feature, "
                  "nested with / (default: captions/text)")
   s.add_argument("--id-key", default="image/id", help="tfds: id feature (default: image/id)")
+  s.add_argument("--captions", metavar="DIR", help="replace each record's captions by the one "
+                 "`capjax caption` wrote for it into DIR (by input file and key); records it "
+                 "has none for are skipped")
   s.add_argument("--resize-shorter", type=int, default=0, metavar="N", help="shrink images "
                  "whose shorter side exceeds N pixels to N, stored as JPEG (default: keep)")
   s.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of shrunk images "

@@ -82,6 +82,15 @@ class FileUnit:
     raise NotImplementedError
 
 
+def unit_name(unit: Any) -> str:
+  """What a unit's outputs are named after (`capjax caption`'s NAME.parquet):
+  its input file without the extension, or its first record's number."""
+  if isinstance(unit, RangeUnit):
+    return f"records-{unit.start:09d}"
+  base = os.path.basename(unit.name)
+  return base.split(".")[0] or base
+
+
 def units(source: Any, num_shards: int | None) -> list:
   """`source`'s units: its own (one per input file) if it has them, else
   `num_shards` ranges of records (default: one per 10,000, at least 8)."""
