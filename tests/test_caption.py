@@ -203,3 +203,22 @@ def test_prepare_trains_on_the_new_captions(shards, captioned, tmp_path):
   proc = run_capjax("prepare", str(folder), "--captions", str(tmp_path), "--out",
                     str(tmp_path / "q"), check=False)
   assert proc.returncode == 1 and "no 00000.parquet for" in proc.stderr
+
+
+def test_several_captions_per_image(trained_run, shards, captioned, tmp_path):
+  """--num-return: the N best beams (the first the caption itself, as the
+  run with one gives it), or N draws; more than the beams is refused."""
+  folder, _ = shards
+  _caption(trained_run, [folder], tmp_path / "beams", "--num-return", "2")
+  _caption(trained_run, [folder], tmp_path / "draws", "--num-return", "3", "--sample",
+           "--temperature", "2.0")
+  beams, draws, one = ([r for n in sorted(_files(d)) for r in pq.read_table(d / n).to_pylist()]
+                       for d in (tmp_path / "beams", tmp_path / "draws", captioned[0]))
+  assert [r["caption"] for r in beams] == [r["caption"] for r in one]
+  assert all(len(r["captions"]) == len(r["logprobs"]) == 2 and r["captions"][0] == r["caption"]
+             and r["logprobs"][0] == r["logprob"] for r in beams)
+  assert any(r["captions"][0] != r["captions"][1] for r in beams)
+  assert all(len(r["captions"]) == 3 and r["captions"][0] == r["caption"] for r in draws)
+  assert any(len(set(r["captions"])) > 1 for r in draws)
+  proc = _caption(trained_run, [folder], tmp_path / "x", "--num-return", "3", check=False)
+  assert proc.returncode == 1 and "at most --num-beams (2)" in proc.stderr

@@ -111,8 +111,9 @@ class Job:
   """One host's share of a caption run."""
 
   def __init__(self, model: Any, out_dir: str, batch_size: int, settings: dict[str, Any],
-               progress_every: float = 10.0):
+               progress_every: float = 10.0, num_return: int = 0):
     self.model, self.out_dir, self.settings = model, out_dir, settings
+    self.num_return = num_return  # > 0: also `captions` and `logprobs`, N each
     self.batch_size = batch_size
     self.every = progress_every
     self.work = fs.join(out_dir, WORK)
@@ -186,11 +187,11 @@ class Job:
           yield unit, name, counts, recs, imgs
         yield unit, name, counts, None, None  # the unit's end
 
-    m, rows = self.model, {c: [] for c in COLUMNS}
+    m, rows = self.model, self._empty_rows()
     for unit, name, counts, recs, imgs in _prefetch(stream(), self.waited):
       if recs is None:
         yield self._write(unit, name, counts, rows)
-        rows = {c: [] for c in COLUMNS}
+        rows = self._empty_rows()
         continue
       if recs:
         batch = np.zeros((self.batch_size, *imgs[0].shape), np.uint8)  # one compiled shape
@@ -198,13 +199,23 @@ class Job:
         seeds = np.zeros((self.batch_size,), np.uint32)  # each image's own draws, by its key
         seeds[:len(recs)] = [zlib.crc32(str(r["id"]).encode()) for r in recs]
         ids, logprob = m.generate_scored(batch, seeds)
-        rows["caption"] += generate.decode_text(m.tok, ids[:len(recs)], m.eos)
-        rows["logprob"] += [float(x) for x in logprob[:len(recs)]]
+        ids, logprob = ids[:len(recs)], logprob[:len(recs)]
+        if self.num_return:  # [n, N, L]: the best first
+          texts = generate.decode_text(m.tok, ids.reshape(-1, ids.shape[-1]), m.eos)
+          n = self.num_return
+          rows["captions"] += [texts[i * n:(i + 1) * n] for i in range(len(recs))]
+          rows["logprobs"] += [[float(x) for x in row] for row in logprob]
+          ids, logprob = ids[:, 0], logprob[:, 0]
+        rows["caption"] += generate.decode_text(m.tok, ids, m.eos)
+        rows["logprob"] += [float(x) for x in logprob]
         rows["key"] += [str(r["id"]) for r in recs]
         rows["org_caption"] += [r["captions"][0] if r["captions"] else "" for r in recs]
         rows["step"] += [int(m.step)] * len(recs)
       self.done += len(recs)
       self._tick(counts)
+
+  def _empty_rows(self) -> dict[str, list]:
+    return {c: [] for c in COLUMNS + (("captions", "logprobs") if self.num_return else ())}
 
   def _write(self, unit: Any, name: str, counts: dict[str, Any], rows: dict[str, list]
              ) -> dict[str, Any]:
@@ -215,7 +226,10 @@ class Job:
                       "caption": pa.array(rows["caption"], pa.string()),
                       "logprob": pa.array(rows["logprob"], pa.float32()),
                       "org_caption": pa.array(rows["org_caption"], pa.string()),
-                      "step": pa.array(rows["step"], pa.int64())})
+                      "step": pa.array(rows["step"], pa.int64()),
+                      **({"captions": pa.array(rows["captions"], pa.list_(pa.string())),
+                          "logprobs": pa.array(rows["logprobs"], pa.list_(pa.float32()))}
+                         if self.num_return else {})})
     table = table.replace_schema_metadata({"capjax": self._metadata(unit)})
     counts["captioned"] = table.num_rows
     tmp = os.path.join(self.partial, f"{name}.parquet.tmp-{processes.owner()}")
@@ -265,11 +279,16 @@ def write_manifest(out_dir: str, names: Sequence[str]) -> dict[str, Any]:
 def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequence[str] = (),
             batch_size: int = 32, process_index: int | None = None,
             process_count: int | None = None, source_options: dict[str, Any] | None = None,
-            progress_every: float = 10.0, sampling: tuple[int, float, float] | None = None
-            ) -> dict[str, Any]:
+            progress_every: float = 10.0, sampling: tuple[int, float, float] | None = None,
+            num_return: int = 1) -> dict[str, Any]:
   """Captions this host's share of the units of `specs` into `out_dir`;
   returns the manifest. `sampling` (seed, temperature, top_p): captions drawn,
-  each image's from its key and the seed, the same on every run."""
+  each image's from its key and the seed, the same on every run.
+  `num_return` N > 1: also the columns `captions` and `logprobs`, the N best
+  beams (or N draws), best first."""
+  if num_return < 1:
+    raise ValueError(f"--num-return {num_return}: must be at least 1")
+  extra = num_return if num_return > 1 else 0
   from trainer.inference import TrainedCaptioner
 
   index, count = host_share(process_index, process_count)
@@ -280,7 +299,7 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
     raise SourceError(f"{', '.join(specs)}: no records")
   names = unit_names(units)
   mine = [i for i in range(len(units)) if i % count == index]
-  model = TrainedCaptioner(checkpoint, overrides, sampling)
+  model = TrainedCaptioner(checkpoint, overrides, sampling, extra)
   devices = len(model.mesh.devices.flat)
   batch = -(-max(batch_size, 1) // devices) * devices
   e = model.cfg.eval
@@ -288,10 +307,10 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
               "max_length": int(e.max_length),
               "no_repeat_ngram_size": int(e.no_repeat_ngram_size),
               "length_penalty": float(e.length_penalty), "early_stopping": str(e.early_stopping),
-              "sampling": list(sampling) if sampling else None}
+              "sampling": list(sampling) if sampling else None, "num_return": num_return}
   out_dir = fs.absolute(out_dir)
   fs.makedirs(out_dir)
-  job = Job(model, out_dir, batch, settings, progress_every)
+  job = Job(model, out_dir, batch, settings, progress_every, extra)
   todo = [i for i in mine if not job.finished(units[i], names[i])]
   if todo:  # compiled before the clock starts: rates and waits are the work's
     t = time.monotonic()

@@ -151,7 +151,7 @@ def _caption(args, overrides) -> int:
                              _with_decoding(args, overrides), args.batch_size,
                              args.process_index, args.process_count, options,
                              sampling=(args.seed, args.temperature, args.top_p)
-                             if args.sample else None)
+                             if args.sample else None, num_return=args.num_return)
   print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
   return 0
 

@@ -115,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--batch-size", type=int, default=32, help="images per batch, rounded up to "
                  "a multiple of this host's devices (default: 32)")
   decoding_flags(s)
+  s.add_argument("--num-return", type=int, default=1, metavar="N", help="N > 1: also the "
+                 "columns captions and logprobs, the N best beams (N <= --num-beams) or with "
+                 "--sample N draws, best first (default: 1)")
   s.add_argument("--sample", action="store_true", help="draw each caption instead of "
                  "searching for the most likely (--temperature, --top-p), each image's draws "
                  "from --seed and its key: the same captions on every run")

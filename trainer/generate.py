@@ -127,12 +127,17 @@ def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]
 
 def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: int,
                      param_shardings=None, batch_sharding=None, with_logprob: bool = False,
-                     sampling: tuple[int, float, float] | None = None):
+                     sampling: tuple[int, float, float] | None = None, num_return: int = 0):
   """A jitted (params, images) -> token ids (and with `with_logprob` the sum
   of their log-probabilities), sharded over the batch axes: greedy when
   `eval_cfg.num_beams` is 1, beam search otherwise. `sampling` (seed,
   temperature, top_p): (params, images, row seeds [B] uint32) drawing each
-  row's tokens with a key of `seed` and its own row seed."""
+  row's tokens with a key of `seed` and its own row seed. `num_return` N > 0:
+  [B, N, L] (and [B, N]), the N best beams, or N draws per image (draw n
+  with its key folded with n)."""
+  if num_return and sampling is None and num_return > eval_cfg.num_beams:
+    raise ValueError(f"--num-return {num_return}: at most --num-beams "
+                     f"({eval_cfg.num_beams}) without --sample")
   stopping = {"true": True, "false": False, "never": "never"}.get(
       str(eval_cfg.early_stopping).lower())
   if stopping is None:
@@ -149,12 +154,25 @@ def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: 
     if sampling is not None:
       base = jax.random.key(sampling[0])
       keys = jax.vmap(jax.random.fold_in, (None, 0))(base, seeds)
-      return greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram, with_logprob,
-                    Sampling(keys, sampling[1], sampling[2]))
+      n = max(num_return, 1)
+      if num_return:  # image b's draw j: row b * n + j, its key folded with j
+        images = jnp.repeat(images, n, axis=0)
+        draws = jnp.tile(jnp.arange(n), seeds.shape[0])
+        keys = jax.vmap(jax.random.fold_in)(jnp.repeat(keys, n), draws)
+      out = greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram, with_logprob,
+                   Sampling(keys, sampling[1], sampling[2]))
+      if not num_return:
+        return out
+      ids, sums = out if with_logprob else (out, None)
+      ids = ids.reshape(-1, n, ids.shape[-1])
+      return (ids, sums.reshape(-1, n)) if with_logprob else ids
     if eval_cfg.num_beams == 1:
-      return greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram, with_logprob)
+      out = greedy(model, images, eval_cfg.max_length, bos, eos, pad, ngram, with_logprob)
+      if not num_return:
+        return out
+      return jax.tree.map(lambda x: x[:, None], out)  # the one best, as [B, 1, ...]
     return beam_search(model, images, eval_cfg.max_length, eval_cfg.num_beams, bos, eos, pad,
-                       eval_cfg.length_penalty, stopping, ngram, with_logprob)
+                       eval_cfg.length_penalty, stopping, ngram, with_logprob, num_return)
 
   if batch_sharding is None:
     return jax.jit(fn)
@@ -177,7 +195,7 @@ def decode_text(tok, ids, eos: int) -> list[str]:
 def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams: int,
                 bos: int, eos: int, pad: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
-                with_logprob: bool = False):
+                with_logprob: bool = False, num_return: int = 0):
   """Beam search as `transformers`' `generate(num_beams=...)` computes it.
 
   Keeps 2 x num_beams candidates a step, finished hypotheses scored by
@@ -185,7 +203,8 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
   (`early_stopping` True, False or "never"), and `no_repeat_ngram_size`.
   images [B, H, W, C] uint8 ->
   the best hypothesis per image [B, max_length], padded after EOS (with
-  `with_logprob`, and the sum of its tokens' log-probabilities [B]).
+  `with_logprob`, and the sum of its tokens' log-probabilities [B]); with
+  `num_return` N > 0, the N best [B, N, max_length] (and [B, N]).
   """
   b, k = images.shape[0], num_beams
   keep = 2 * k
@@ -269,5 +288,8 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
                 all_stopped=jnp.all(stopped), cache=cache)
 
   out = jax.lax.while_loop(cond, body, state)
-  ids = out["sequences"][:, 0, 1:]
-  return (ids, out["sums"][:, 0]) if with_logprob else ids
+  if num_return:
+    ids, sums = out["sequences"][:, :num_return, 1:], out["sums"][:, :num_return]
+  else:
+    ids, sums = out["sequences"][:, 0, 1:], out["sums"][:, 0]
+  return (ids, sums) if with_logprob else ids

@@ -22,10 +22,11 @@ from trainer import generate, params as params_lib, sharding
 class TrainedCaptioner:
 
   def __init__(self, checkpoint_path: str | params_lib.Restored, overrides: Sequence[str] = (),
-               sampling: tuple[int, float, float] | None = None):
+               sampling: tuple[int, float, float] | None = None, num_return: int = 0):
     """A checkpoint (`overrides`: `config.KEY=VALUE` strings applied to its
     config), or a model in memory (a run evaluating itself). `sampling`
-    (seed, temperature, top_p): `generate_scored` draws its captions."""
+    (seed, temperature, top_p): `generate_scored` draws its captions;
+    `num_return` N > 0: it gives N per image (the best beams, or draws)."""
     r = checkpoint_path if isinstance(checkpoint_path, params_lib.Restored) else \
         params_lib.restore(checkpoint_path, overrides)
     self.workdir, self.step, self.cfg, self.mesh, self.params = (
@@ -40,7 +41,8 @@ class TrainedCaptioner:
         r.shardings, sharding.batch_sharding(self.mesh))
     self._scored = generate.make_generate_fn(
         r.graphdef, cfg.eval, self.bos, self.eos, self.pad, r.shardings,
-        sharding.batch_sharding(self.mesh), with_logprob=True, sampling=sampling)
+        sharding.batch_sharding(self.mesh), with_logprob=True, sampling=sampling,
+        num_return=num_return)
     self.sampling = sampling
     self._pool = ThreadPoolExecutor(os.cpu_count())
 
@@ -73,7 +75,8 @@ class TrainedCaptioner:
                       ) -> tuple[np.ndarray, np.ndarray]:
     """One process's rows [B, H, W, 3] uint8 (a process running alone, on
     its own devices) to token ids [B, L] and each caption's mean token
-    log-probability [B], EOS included. Sampling draws row r with `seeds[r]`."""
+    log-probability [B], EOS included ([B, N, L] and [B, N] with
+    `num_return`). Sampling draws row r with `seeds[r]`."""
     batch = sharding.batch_sharding(self.mesh)
     args = [jax.device_put(images, batch)]
     if self.sampling is not None:
@@ -81,7 +84,7 @@ class TrainedCaptioner:
     ids, total = self._scored(self.params, *args)
     ids, total = np.asarray(ids), np.asarray(total)
     ended = ids == self.eos
-    lengths = np.where(ended.any(axis=1), ended.argmax(axis=1) + 1, ids.shape[1])
+    lengths = np.where(ended.any(axis=-1), ended.argmax(axis=-1) + 1, ids.shape[-1])
     return ids, total / lengths
 
   def caption_batches(self, batches: Iterable[Sequence[tuple[str, bytes]]]):
