@@ -28,7 +28,7 @@ from pipeline import fs, processes, shards, shm, sources
 from pipeline.sources import SourceError  # noqa: F401  (part of this module's surface)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
   seconds = int(seconds)
   h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
@@ -57,7 +57,7 @@ class Progress:
     skipped = sum(s for _, _, s in self.state.values())
     done = sum(w / self.sizes[i] for i, (w, _, _) in self.state.items())
     left = len(self.state) - done
-    eta = _duration(elapsed * left / done) if done > 0 else "?"
+    eta = duration(elapsed * left / done) if done > 0 else "?"
     return (f"prepare: {kept:,} records, {skipped:,} skipped, "
             f"{(kept + skipped) / max(elapsed, 1e-9):,.0f} images/s; shards "
             f"{self.reused + self.written} of {self.shards} written; ETA {eta}")
@@ -218,6 +218,6 @@ def prepare(source, out_dir: str, num_shards: int | None = None, workers: int | 
   elapsed = time.monotonic() - progress.t0
   print(f"prepare: done, {summary['records']:,} records in {len(units)} shards "
         f"({len(done)} kept from before), {sum(summary['skipped'].values()):,} skipped, "
-        f"{len(summary['truncated'])} truncated files; {seen:,} images in {_duration(elapsed)}"
+        f"{len(summary['truncated'])} truncated files; {seen:,} images in {duration(elapsed)}"
         f" ({seen / max(elapsed, 1e-9):,.0f} images/s)", file=sys.stderr, flush=True)
   return summary

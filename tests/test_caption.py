@@ -149,7 +149,8 @@ def test_two_hosts_write_what_one_writes(trained_run, shards, captioned, tmp_pat
 
 def test_parquet_sources_and_bad_input(trained_run, shards, captioned, tmp_path):
   """The same images as an img2dataset Parquet file: the same captions; an
-  empty source and a bad --process-index are refused in one line."""
+  empty source, a checkpoint without its tokenizer and a bad --process-index
+  are refused in one line."""
   _, expected = shards
   keys = sorted(expected)
   table = pa.table({"key": keys, "jpg": [open(expected[k][0], "rb").read() for k in keys],
@@ -162,7 +163,11 @@ def test_parquet_sources_and_bad_input(trained_run, shards, captioned, tmp_path)
                            for n in sorted(_files(captioned[0]))]).to_pylist()
   assert [(r["key"], r["caption"]) for r in got] == [(r["key"], r["caption"]) for r in rows]
   os.makedirs(tmp_path / "empty")
+  import shutil
+  shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("tokenizer"))
   for source, extra, message in ((tmp_path / "empty", (), "empty"),
+                                 (tmp_path / "pq", ("--checkpoint", str(tmp_path / "run")),
+                                  "no tokenizer folder"),
                                  (tmp_path / "pq", ("--process-index", "2", "--process-count",
                                                     "2"), "need 0 <= index < count")):
     proc = _caption(trained_run, [source], tmp_path / "x", *extra, check=False)

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from pipeline import fs, images as images_lib, processes, sources
+from pipeline import fs, images as images_lib, prepare, processes, sources
 from pipeline.sources import SourceError, TruncatedInput
 from trainer import generate
 
@@ -124,6 +124,7 @@ class Job:
       if ".tmp-" in name and processes.gone(name.split(".tmp-")[-1], ""):
         os.remove(os.path.join(self.partial, name))
     self.done = self.skipped = 0
+    self.units_done = self.units_todo = 0
     self.waited = [0.0]  # seconds the devices waited for images
     self.t0 = self.last = time.monotonic()
 
@@ -161,7 +162,8 @@ class Job:
 
     pending: list[dict[str, Any]] = []
     try:
-      for _, rec in unit.read():
+      for work, rec in unit.read():
+        counts["work"] = work / max(unit.size, 1)  # this unit's share read, for the ETA
         if rec.get("error"):
           skip(rec, rec["error"])
           continue
@@ -187,9 +189,12 @@ class Job:
           yield unit, name, counts, recs, imgs
         yield unit, name, counts, None, None  # the unit's end
 
+    self.units_todo, self.units_done = len(todo), 0
     m, rows = self.model, self._empty_rows()
     for unit, name, counts, recs, imgs in _prefetch(stream(), self.waited):
       if recs is None:
+        counts.pop("work", None)
+        self.units_done += 1
         yield self._write(unit, name, counts, rows)
         rows = self._empty_rows()
         continue
@@ -250,9 +255,15 @@ class Job:
   def _tick(self, counts, force: bool = False) -> None:
     skipped = self.skipped + sum(counts["skipped"].values())  # this unit's, so far
     if force or time.monotonic() - self.last >= self.every:
-      rate = (self.done + skipped) / max(time.monotonic() - self.t0, 1e-9)
+      elapsed = time.monotonic() - self.t0
+      rate = (self.done + skipped) / max(elapsed, 1e-9)
+      # the units' own measure (bytes of a tar, rows, records) read so far
+      done = self.units_done + min(counts.get("work", 0.0), 1.0)
+      left = self.units_todo - done
+      eta = prepare.duration(elapsed * left / done) if done > 0 else "?"
       print(f"caption: {self.done:,} images captioned, {skipped:,} skipped, "
-            f"{rate:,.1f} images/s", file=sys.stderr, flush=True)
+            f"{rate:,.1f} images/s; units {self.units_done} of {self.units_todo} here; "
+            f"ETA {eta}", file=sys.stderr, flush=True)
       self.last = time.monotonic()
 
 
@@ -312,6 +323,8 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
   fs.makedirs(out_dir)
   job = Job(model, out_dir, batch, settings, progress_every, extra)
   todo = [i for i in mine if not job.finished(units[i], names[i])]
+  print(f"caption: host {index} of {count}: {len(mine)} of {len(units)} units, "
+        f"{len(mine) - len(todo)} already written, kept", file=sys.stderr, flush=True)
   if todo:  # compiled before the clock starts: rates and waits are the work's
     t = time.monotonic()
     side = model.cfg.data.image_size
@@ -320,8 +333,6 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
     print(f"caption: decoding compiled in {time.monotonic() - t:.1f}s", file=sys.stderr,
           flush=True)
     job.t0 = job.last = time.monotonic()
-  print(f"caption: host {index} of {count}: {len(mine)} of {len(units)} units, "
-        f"{len(mine) - len(todo)} already written, kept", file=sys.stderr, flush=True)
   for i, counts in zip(todo, job.run([(units[i], names[i]) for i in todo])):
     write_manifest(out_dir, names)
     print(f"caption: wrote {names[i]}.parquet ({counts['captioned']} captioned, "
