@@ -227,3 +227,27 @@ def test_several_captions_per_image(trained_run, shards, captioned, tmp_path):
   assert any(len(set(r["captions"])) > 1 for r in draws)
   proc = _caption(trained_run, [folder], tmp_path / "x", "--num-return", "3", check=False)
   assert proc.returncode == 1 and "at most --num-beams (2)" in proc.stderr
+
+
+def test_each_host_finds_its_share(monkeypatch):
+  """--process-index/--process-count, else SLURM's, a TPU VM's or a
+  Kubernetes indexed Job's environment."""
+  from trainer.caption import host_share
+  for var in ("SLURM_PROCID", "SLURM_NTASKS", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES",
+              "JOB_COMPLETION_INDEX"):
+    monkeypatch.delenv(var, raising=False)
+  assert host_share(None, None) == (0, 1) and host_share(2, 3) == (2, 3)
+  monkeypatch.setenv("TPU_WORKER_ID", "1")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b,c,d")
+  assert host_share(None, None) == (1, 4) and host_share(3, None) == (3, 4)
+  monkeypatch.delenv("TPU_WORKER_ID")
+  monkeypatch.setenv("SLURM_PROCID", "5")
+  monkeypatch.setenv("SLURM_NTASKS", "8")
+  assert host_share(None, None) == (5, 8)
+  monkeypatch.delenv("SLURM_PROCID")
+  monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+  assert host_share(None, 4) == (2, 4)
+  with pytest.raises(ValueError, match="--process-count: needed in a Kubernetes"):
+    host_share(None, None)
+  with pytest.raises(ValueError, match="need 0 <= index < count"):
+    host_share(4, 4)

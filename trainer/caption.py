@@ -5,14 +5,15 @@ The sources are read as `prepare` reads them (sources.open_source): a unit is
 one input file of a sharded source (`00042.tar` becomes `OUT/00042.parquet`)
 or a range of 10,000 records of any other (`OUT/records-000010000.parquet`).
 Every host runs alone on its own devices and takes the units
-`i % count == index` (`--process-index/--process-count`, or SLURM's or a TPU
-VM's environment), so hosts never wait for each other and a lost host loses
-only its unfinished units. A unit's file is written whole (a temporary file
-renamed; in a bucket, one object upload) and records the unit's input key and the generation settings; the
-same command again keeps every file whose key and settings match and writes
-the rest, byte for byte what an uninterrupted run writes. Unusable images
-are skipped and counted by reason in `OUT/.caption/NAME.json`, and
-`OUT/manifest.json` gathers the counts of the units finished so far.
+`i % count == index` (`--process-index/--process-count`, or the environment
+of SLURM, a TPU VM or a Kubernetes indexed Job), so hosts never wait for each
+other and a lost host loses only its unfinished units. A unit's file is
+written whole (a temporary file renamed; in a bucket, one object upload) and
+records the unit's input key and the generation settings; the same command
+again keeps every file whose key and settings match and writes the rest,
+byte for byte what an uninterrupted run writes. Unusable images are skipped
+and counted by reason in `OUT/.caption/NAME.json`, and `OUT/manifest.json`
+gathers the counts of the units finished so far.
 """
 
 from __future__ import annotations
@@ -39,14 +40,23 @@ COLUMNS = ("key", "caption", "logprob", "org_caption", "step")
 
 
 def host_share(index: int | None, count: int | None) -> tuple[int, int]:
-  """(this host's index, the host count): the flags, else SLURM's or a TPU
-  VM's environment, else (0, 1)."""
+  """(this host's index, the host count): the flags, else the environment of
+  SLURM, a TPU VM or a Kubernetes indexed Job (its index; the count from
+  --process-count), else (0, 1)."""
   env = os.environ
-  if index is None and count is None:
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-      index, count = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    elif "TPU_WORKER_ID" in env and env.get("TPU_WORKER_HOSTNAMES"):
-      index, count = int(env["TPU_WORKER_ID"]), len(env["TPU_WORKER_HOSTNAMES"].split(","))
+  if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    found = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+  elif "TPU_WORKER_ID" in env and env.get("TPU_WORKER_HOSTNAMES"):
+    found = int(env["TPU_WORKER_ID"]), len(env["TPU_WORKER_HOSTNAMES"].split(","))
+  elif "JOB_COMPLETION_INDEX" in env:
+    found = int(env["JOB_COMPLETION_INDEX"]), None
+    if count is None:
+      raise ValueError("--process-count: needed in a Kubernetes indexed Job (JOB_COMPLETION_INDEX "
+                       "is set): give its completions")
+  else:
+    found = None, None
+  index = found[0] if index is None else index
+  count = found[1] if count is None else count
   index, count = (0 if index is None else index), (1 if count is None else count)
   if count < 1 or not 0 <= index < count:
     raise ValueError(f"--process-index {index} --process-count {count}: need "
@@ -335,9 +345,9 @@ def caption(checkpoint: str, specs: Sequence[str], out_dir: str, overrides: Sequ
     job.t0 = job.last = time.monotonic()
   for i, counts in zip(todo, job.run([(units[i], names[i]) for i in todo])):
     write_manifest(out_dir, names)
+    cut = ", truncated" if counts["truncated"] else ""
     print(f"caption: wrote {names[i]}.parquet ({counts['captioned']} captioned, "
-          f"{sum(counts['skipped'].values())} skipped{', truncated' if counts['truncated'] else ''})",
-          file=sys.stderr, flush=True)
+          f"{sum(counts['skipped'].values())} skipped{cut})", file=sys.stderr, flush=True)
   manifest = write_manifest(out_dir, names)
   elapsed = time.monotonic() - job.t0
   print(f"caption: done, {job.done:,} images captioned and {job.skipped:,} skipped here in "

@@ -128,7 +128,8 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--process-index", type=int, help="this host's share: units i with "
                  "i %% count == index (default: SLURM_PROCID, TPU_WORKER_ID, else 0)")
   s.add_argument("--process-count", type=int, help="hosts sharing the units (default: "
-                 "SLURM_NTASKS, the TPU VM's workers, else 1)")
+                 "SLURM_NTASKS, the TPU VM's workers, else 1; needed in a Kubernetes indexed "
+                 "Job, whose JOB_COMPLETION_INDEX is the index)")
   s.add_argument("--images", help="image folder of a COCO caption JSON")
   s.add_argument("--image-column", help="table or Parquet column with images")
   s.add_argument("--caption-column", help="table or Parquet column with the source's own "
