@@ -49,7 +49,9 @@ def get_config() -> ConfigDict:
   c.model = ConfigDict()
   c.model.dtype = "float32"  # compute dtype ("bfloat16"); parameters stay float32
   c.model.remat = "none"  # recompute activations in the backward pass: "full" or "dots"
-  c.model.attention = "auto"  # "xla", "dot_product" (cuDNN's fused kernel on GPUs); auto: by chip
+  # "xla", "dot_product" (cuDNN's fused kernel on GPUs), "splash" (the TPU
+  # kernel, one chip); "auto": dot_product on GPUs, xla elsewhere.
+  c.model.attention = "auto"
   # One compiled layer scanned over stacked weights: compile time independent
   # of depth (deep models); checkpoints load into either layout.
   c.model.scan_layers = False

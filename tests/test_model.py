@@ -116,9 +116,12 @@ def test_attention_gradient_equals_autodiff(groups, causal, rate, dtype):
     (1, 1, 8, 4, jnp.float32),  # a decoding step over the cache
     (1, 3, 8, 2, jnp.float32),  # several queries over the cache
     (1, 6, 6, 0, jnp.bfloat16)])
-def test_attention_backends_compute_the_same(groups, lq, lk, causal_from, dtype):
-  """"dot_product" (jax.nn.dot_product_attention, XLA's on this CPU) and
-  "xla": the same outputs and gradients for every mask attend takes."""
+@pytest.mark.parametrize("backend", ["dot_product", "splash"])
+def test_attention_backends_compute_the_same(groups, lq, lk, causal_from, dtype, backend):
+  """"dot_product" (jax.nn.dot_product_attention, XLA's on this CPU),
+  "splash" (the TPU kernel, in Pallas' interpreter here; decoding steps
+  fall back) and "xla": the same outputs and gradients for every mask
+  attend takes."""
   from trainer.models import attention
 
   rng = np.random.default_rng(1)
@@ -132,7 +135,7 @@ def test_attention_backends_compute_the_same(groups, lq, lk, causal_from, dtype)
                             .astype(jnp.float32) * w).sum()
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-  (a, a_g), (b_, b_g) = value_and_grads("xla"), value_and_grads("dot_product")
+  (a, a_g), (b_, b_g) = value_and_grads("xla"), value_and_grads(backend)
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(float(a), float(b_), rtol=tol)
   for x, y in zip(a_g, b_g):
@@ -142,26 +145,31 @@ def test_attention_backends_compute_the_same(groups, lq, lk, causal_from, dtype)
     assert not np.asarray(a_g[1][:, :, last_seen + 1:]).any()
   with pytest.raises(ValueError, match="model.attention: unknown 'flash'"):
     attention.resolve("flash")
+  assert attention.resolve("splash") == "splash"
   assert attention.resolve("auto", "gpu") == "dot_product"
   assert attention.resolve("auto", "cpu") == attention.resolve("auto", "tpu") == "xla"
 
 
-def test_a_captioner_decodes_the_same_with_either_backend():
-  """The whole model with "dot_product" attention: the logits of "xla", and
-  the same greedy and beam-search captions (its decoding masks included)."""
+def test_a_captioner_decodes_the_same_with_every_backend():
+  """The whole model with "dot_product" and "splash" attention: the logits of
+  "xla", and the same greedy and beam-search captions (its decoding masks
+  included)."""
   enc = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=64, image_size=32, patch_size=8)
   dec = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2)
   models = [Captioner(enc, dec, (0.5,) * 3, (0.5,) * 3, nnx.Rngs(0), attention=a)
-            for a in ("xla", "dot_product")]
+            for a in ("xla", "dot_product", "splash")]
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (3, 32, 32, 3)), jnp.uint8)
   ids = jnp.asarray(rng.integers(0, 50, (3, 2, 7)), jnp.int32)
   logits = [nnx.jit(lambda m: m(images, ids))(m) for m in models]
-  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+  for other in logits[1:]:
+    np.testing.assert_allclose(logits[0], other, rtol=1e-5, atol=1e-5)
   for fn in (lambda m: generate.greedy(m, images, 8, 0, 3, 0),
              lambda m: generate.beam_search(m, images, 8, 3, 0, 3, 0)):
-    np.testing.assert_array_equal(fn(models[0]), fn(models[1]))
+    want = fn(models[0])
+    for m in models[1:]:
+      np.testing.assert_array_equal(fn(m), want)
 
 
 @pytest.mark.parametrize("beams", [1, 3])

@@ -10,6 +10,13 @@
   memory; elsewhere XLA's version of the same. It has no dropout: a layer
   that drops attention probabilities in training (GPT-2's `attn_pdrop`)
   computes with "xla" then.
+- "splash": the Pallas splash-attention kernel of TPUs (in Pallas' interpreter
+  elsewhere, as the tests run it). Its blocks want a head dimension and
+  lengths in multiples of 128: ViT-B's and GPT-2's 64 and a ViT's 197
+  tokens are padded with zeros (padded keys masked out), which adds work
+  the kernel then does; decoding steps (a query or a few over the cache)
+  compute with "xla". Not yet partitioned over a mesh: on several chips its
+  operands are gathered to each, so it is for one-chip runs and trials.
 - "auto" (the default): "dot_product" on GPUs, "xla" elsewhere.
 
 Every backend computes the same function, softmax in float32.
@@ -25,7 +32,8 @@ import jax.numpy as jnp
 
 from trainer.models.layers import apply_dropout, dropout_mask
 
-BACKENDS = ("auto", "xla", "dot_product")
+BACKENDS = ("auto", "xla", "dot_product", "splash")
+BLOCK = 128  # the splash kernel's block: head dimension and lengths padded to it
 
 
 def resolve(name: str, platform: str | None = None) -> str:
@@ -67,8 +75,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, causal_from: jax.Array | in
   g = n // b
   qg = q.reshape(b, g, lq, h, d).transpose(0, 3, 1, 2, 4).reshape(b, h, g * lq, d)
   dropping = key is not None and dropout_rate > 0.0
+  square = isinstance(causal_from, int) and causal_from == 0 and g * lq == k.shape[2]
   if backend == "dot_product" and not dropping:
     out = _dot_product(qg, k, v, causal_from, lq)
+  elif backend == "splash" and not dropping and (causal_from is None or square):
+    out = _splash(qg, k, v, causal=causal_from is not None)
   else:
     allowed = None
     if causal_from is not None:
@@ -101,6 +112,36 @@ def _dot_product(qg: jax.Array, k: jax.Array, v: jax.Array, causal_from, lq: int
       qg.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
       implementation="cudnn" if cudnn else None, **kw)
   return out.transpose(0, 2, 1, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(causal: bool, lq: int, lk: int, heads: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as kernel, splash_attention_mask as masks)
+  mask = masks.CausalMask((lq, lk)) if causal else masks.FullMask((lq, lk))
+  with jax.ensure_compile_time_eval():  # its mask arrays concrete, not one trace's
+    return kernel.make_splash_mha(masks.MultiHeadMask([mask] * heads), head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+
+
+def _splash(qg: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+  """The splash kernel on [B, H, L, d] operands, padded to its blocks: the
+  head dimension with zeros (the same products), the keys with ones it is
+  told to ignore (a segment of their own), the queries with rows whose
+  output is dropped."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  _, h, lq, d = qg.shape
+  lk = k.shape[2]
+  up = lambda n: -(-n // BLOCK) * BLOCK
+  pq, pk, pd = up(lq), up(lk), up(d)
+  pad = lambda x, rows: jnp.pad(x, ((0, 0), (0, 0), (0, rows - x.shape[2]), (0, pd - d)))
+  q = pad(qg * jnp.asarray(1 / math.sqrt(d), qg.dtype), pq)  # the kernel does not scale
+  k, v = pad(k, pk), pad(v, pk)
+  segments = splash_attention_kernel.SegmentIds(
+      q=jnp.zeros((pq,), jnp.int32), kv=(jnp.arange(pk) >= lk).astype(jnp.int32))
+  kernel = _splash_kernel(causal, pq, pk, h, jax.default_backend() != "tpu")
+  out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q, k, v)
+  return out[:, :, :lq, :d].astype(qg.dtype)
 
 
 # "xla": softmax(q k^T / sqrt(d)) v with q, k, v [B, H, L, d], `allowed`
