@@ -116,18 +116,23 @@ def test_a_dead_peer_stops_the_run_which_resumes_exactly(prepared, uninterrupted
 def test_a_peer_killed_during_a_checkpoint_is_reported_as_a_lost_peer(prepared, tmp_path):
   """Killed as process 0 logs step 10, which it saves next: the save's
   collective fails at once (Gloo: connection reset by peer), and the line
-  process 0 prints names the lost process, not disk space."""
-  status, took, out, run, sid = _kill_one(prepared, tmp_path, 1,
-                                          "--config.checkpoint.every_steps=2")
-  assert status != 0, out
-  assert took < TIMEOUT + 20, (took, out)
-  with open(tmp_path / "logs" / "errors.log") as f:
-    log = f.read()
-  assert "a checkpoint save failed" in log, log[-3000:]  # the kill met the save
-  line, = [l for l in out.splitlines() if l.startswith("[0] capjax")]
-  assert line.startswith("[0] capjax: process 1 of 2 has not been heard from for"), line
-  assert "MiB" not in line and "room" not in line, line
-  _assert_all_gone(run, sid)
+  process 0 prints names the lost process, not disk space. Whether the kill
+  meets the save is a race on a loaded machine: up to three tries, each
+  checked as far as it goes, until one does (its errors.log says so)."""
+  for attempt in range(3):
+    workdir = tmp_path / str(attempt)
+    status, took, out, run, sid = _kill_one(prepared, workdir, 1,
+                                            "--config.checkpoint.every_steps=2")
+    assert status != 0, out
+    assert took < TIMEOUT + 20, (took, out)
+    line, = [l for l in out.splitlines() if l.startswith("[0] capjax")]
+    assert line.startswith("[0] capjax: process 1 of 2 has not been heard from for"), line
+    assert "MiB" not in line and "room" not in line, line
+    _assert_all_gone(run, sid)
+    log = workdir / "logs" / "errors.log"
+    if log.exists() and "a checkpoint save failed" in log.read_text():  # the kill met the save
+      return
+  pytest.fail("in three tries the kill never met a checkpoint save")
 
 
 def test_a_dead_coordinator_stops_the_run_in_one_line(prepared, tmp_path):
