@@ -156,3 +156,16 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_after(
   assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 10))
   want = _losses(trained_run)
   assert _losses(run) == {s: want[s] for s in range(1, 10)}
+
+
+def test_the_error_log_keeps_what_it_could_not_write(tmp_path):
+  """A write the disk refuses (full, here: a file where the log's folder
+  goes) is kept and written with the next one, in order."""
+  from trainer import faults
+  (tmp_path / "logs").write_text("in the way")
+  log = faults._File(str(tmp_path / "logs" / "errors.log"))
+  log.write("first\n")
+  assert log.pending == "first\n"
+  (tmp_path / "logs").unlink()
+  log.write("second\n")
+  assert (tmp_path / "logs" / "errors.log").read_text() == "first\nsecond\n" and not log.pending

@@ -9,6 +9,7 @@ multi-process run says which checkpoint it resumes from."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -30,19 +31,34 @@ def log_path(workdir: str) -> str:
 
 
 class _File:
-  """Appends to the log, opened for each write (the disk may be full now and
-  have room later); a write that fails is dropped."""
+  """Appends to the log, opened for each write. The disk may be full now
+  (a failed save fills it, then its folder is removed): text that could not
+  be written is kept, up to PENDING characters, and written with the next
+  write or at exit."""
+
+  PENDING = 1 << 20
 
   def __init__(self, path: str):
     self.path = path
+    self.pending = ""
+    self.lock = threading.Lock()
+    atexit.register(self.write, "")
 
   def write(self, text: str) -> None:
-    try:
-      os.makedirs(os.path.dirname(self.path), exist_ok=True)
-      with open(self.path, "a") as f:
-        f.write(text)
-    except OSError:
-      pass
+    with self.lock:
+      text = self.pending + text
+      if not text:
+        return
+      try:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a") as f:
+          f.write(text)
+        self.pending = ""
+      except OSError:
+        self.pending = text[-self.PENDING:]
+
+  def flush(self) -> None:
+    pass
 
 
 def errors_to_file(workdir: str) -> str:
