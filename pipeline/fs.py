@@ -111,8 +111,11 @@ def _filesystem(path: str):
 
 
 def version(path: str) -> tuple[int, str]:
-  """(size in bytes, a key that changes when the object is rewritten with
-  other content: from its ETag or generation) of a bucket file."""
+  """(size in bytes, a key that changes when the file is rewritten: its
+  modification time locally; in a bucket from its ETag or generation)."""
+  if not is_bucket(path):
+    st = os.stat(path)
+    return st.st_size, str(st.st_mtime_ns)
   filesystem, name = _filesystem(path)
   info = filesystem.info(name)
   return int(info["size"]), filesystem.ukey(name)

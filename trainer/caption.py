@@ -220,8 +220,10 @@ class Job:
           n = self.num_return
           rows["captions"] += [texts[i * n:(i + 1) * n] for i in range(len(recs))]
           rows["logprobs"] += [[float(x) for x in row] for row in logprob]
-          ids, logprob = ids[:, 0], logprob[:, 0]
-        rows["caption"] += generate.decode_text(m.tok, ids, m.eos)
+          rows["caption"] += texts[::n]
+          logprob = logprob[:, 0]
+        else:
+          rows["caption"] += generate.decode_text(m.tok, ids, m.eos)
         rows["logprob"] += [float(x) for x in logprob]
         rows["key"] += [str(r["id"]) for r in recs]
         rows["org_caption"] += [r["captions"][0] if r["captions"] else "" for r in recs]

@@ -70,13 +70,8 @@ class FileUnit:
   def __init__(self, path: str):
     from pipeline import fs
     self.path = self.name = path
-    if fs.is_bucket(path):  # its generation or ETag: a new upload is another input
-      self.size, version = fs.version(path)
-      self.key = f"{path} {self.size} {version}"
-    else:
-      st = os.stat(path)
-      self.key = f"{os.path.abspath(path)} {st.st_size} {st.st_mtime_ns}"
-      self.size = st.st_size
+    self.size, version = fs.version(path)  # a rewritten file, or a new upload: another input
+    self.key = f"{fs.absolute(path)} {self.size} {version}"
 
   def read(self) -> Iterator[tuple[int, dict[str, Any]]]:
     raise NotImplementedError

@@ -5,7 +5,6 @@ into training data."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator
 
 from pipeline import fs
@@ -21,12 +20,8 @@ class RecaptionedUnit:
   def __init__(self, unit: Any, path: str):
     self.unit, self.path = unit, path
     self.name, self.size = unit.name, unit.size
-    if fs.is_bucket(path):
-      version = fs.version(path)
-    else:
-      st = os.stat(path)
-      version = (st.st_size, st.st_mtime_ns)
-    self.key = f"{unit.key} captions {path} {version}"
+    size, version = fs.version(path)
+    self.key = f"{unit.key} captions {path} {size} {version}"
 
   def read(self) -> Iterator[tuple[int, dict[str, Any]]]:
     import pyarrow.parquet as pq
