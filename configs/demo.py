@@ -62,6 +62,10 @@ def get_config() -> ConfigDict:
   # `export-hf` merges them into the weights.
   c.model.lora = ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
                                  targets=r"(query|key|value|out|fc|proj)$"))
+  # Text every caption continues (BLIP's "a picture of "): trained after [BOS]
+  # with no loss on its tokens, forced before decoding, left out of the
+  # captions written. `--prompt` on train, eval, predict and caption sets it.
+  c.model.prompt = ""
   c.model.image_mean = (0.5, 0.5, 0.5)
   c.model.image_std = (0.5, 0.5, 0.5)
   # model_type: vit, deit, clip_vision_model, siglip_vision_model, dinov2 or

@@ -24,25 +24,34 @@ def _token_ids(tok, captions: Sequence[str]) -> list[list[int]]:
   return tok(list(captions), add_special_tokens=False)["input_ids"]
 
 
+def prompt_tokens(tok, prompt: str) -> list[int]:
+  """A prompt's tokens (`model.prompt`), which captions are trained and
+  decoded after; none for no prompt."""
+  return _token_ids(tok, [prompt])[0] if prompt else []
+
+
 def tokenize_captions(tok, captions: Sequence[str], max_length: int,
-                      special: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+                      special: tuple[int, int, int] | None = None,
+                      prompt: Sequence[int] = ()) -> dict[str, np.ndarray]:
   """Decoder inputs, labels and loss mask, each [len(captions), max_length].
 
-  inputs = [BOS] + tokens, labels = tokens + [EOS], truncated and padded.
+  inputs = [BOS] + prompt + tokens, labels = prompt + tokens + [EOS],
+  truncated and padded; the prompt's labels carry no loss (as BLIP trains).
   `special`: the model's (BOS, EOS, pad) ids; the tokenizer's by default.
   """
   ids = _token_ids(tok, captions)
   bos, eos, pad = special or tokenizer_lib.special_ids(tok)
+  prompt = list(prompt)
   n = len(captions)
   inputs = np.full((n, max_length), pad, np.int32)
   labels = np.full((n, max_length), pad, np.int32)
   mask = np.zeros((n, max_length), np.float32)
   for i, t in enumerate(ids):
-    seq = ([bos] + t)[:max_length]
-    lab = (t + [eos])[:max_length]
+    seq = ([bos] + prompt + t)[:max_length]
+    lab = (prompt + t + [eos])[:max_length]
     inputs[i, :len(seq)] = seq
     labels[i, :len(lab)] = lab
-    mask[i, :len(lab)] = 1.0
+    mask[i, len(prompt):len(lab)] = 1.0
   return {"input_ids": inputs, "labels": labels, "loss_mask": mask}
 
 
@@ -63,11 +72,13 @@ class TrainBatch(grain.transforms.Map):
   def __init__(self, image_size: int, tokenizer_dir: str, max_length: int,
                captions_per_image: int, resize: str = "crop", resample: str = "auto",
                special: tuple[int, int, int] | None = None, crop_scale: float = 0.0,
-               bad_records: str = "skip", seed: int = 0, crop_fraction: float = 1.0):
+               bad_records: str = "skip", seed: int = 0, crop_fraction: float = 1.0,
+               prompt: str = ""):
     if bad_records not in ("skip", "fail"):
       raise ValueError(f"data.bad_records: {bad_records!r} is not skip or fail")
     self.image_size = image_size
     self.special = special
+    self.prompt = prompt
     self.tokenizer_dir = tokenizer_dir
     self.max_length = max_length
     self.captions_per_image = captions_per_image
@@ -88,7 +99,7 @@ class TrainBatch(grain.transforms.Map):
     return cls(d.image_size, tokenizer_dir, d.max_length, d.captions_per_image, d.resize,
                d.resample, (dec.bos_token_id, dec.eos_token_id, dec.pad_token_id),
                d.crop_scale if random_crops else 0.0, d.bad_records, cfg.seed,
-               d.get("crop_fraction", 1.0))
+               d.get("crop_fraction", 1.0), cfg.model.get("prompt", ""))
 
   def __getstate__(self):
     return {**self.__dict__, "_tok": None, "_lock": None}
@@ -146,7 +157,8 @@ class TrainBatch(grain.transforms.Map):
         used[i] = min(len(record["captions"]), k)
         texts += chosen
     out = {key: v.reshape(n, k, self.max_length) for key, v in
-           tokenize_captions(self._tokenizer(), texts, self.max_length, self.special).items()}
+           tokenize_captions(self._tokenizer(), texts, self.max_length, self.special,
+                             prompt_tokens(self._tokenizer(), self.prompt)).items()}
     out["loss_mask"] *= (np.arange(k)[None, :] < used[:, None])[:, :, None]
     out["image"] = images
     out["skipped"] = skipped

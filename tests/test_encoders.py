@@ -217,6 +217,7 @@ FAMILY_FIELDS = {
     "siglip_vision_model": dict(hidden_act="gelu_pytorch_tanh"),
     "dinov2": dict(use_swiglu_ffn=True, layerscale_value=0.5),
     "dinov2_with_registers": dict(num_register_tokens=2, layerscale_value=0.5),
+    "blip_vision_model": dict(layer_norm_eps=1e-5),
 }
 ENCODER_LAYERS = sorted(f"encoder/layers/{i}/{m}/{n}/lora_{ab}" for i in range(2) for ab in "ab"
                         for m, n in [("attention", "query"), ("attention", "key"),

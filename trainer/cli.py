@@ -181,9 +181,15 @@ def _import_hf(args, overrides) -> int:
                            overrides, args.image_size)
   print(f"wrote {args.out}: {cfg.model.encoder.model_type} "
         f"{cfg.model.encoder.num_hidden_layers} x "
-        f"{cfg.model.encoder.hidden_size}, GPT-2 {cfg.model.decoder.n_layer} x "
-        f"{cfg.model.decoder.n_embd}, images {cfg.data.image_size}px")
+        f"{cfg.model.encoder.hidden_size}, {_decoder_line(cfg.model.decoder)}, "
+        f"images {cfg.data.image_size}px")
   return 0
+
+
+def _decoder_line(dec) -> str:
+  if dec.get("model_type") == "blip_text_model":
+    return f"BLIP text {dec.num_hidden_layers} x {dec.hidden_size}"
+  return f"GPT-2 {dec.n_layer} x {dec.n_embd}"
 
 
 def _export_hf(args, overrides) -> int:
@@ -207,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, overrides = _split_overrides(argv)
   args = cli_parser.parser().parse_args(rest)
+  if getattr(args, "prompt", None) is not None:
+    overrides.append(f"config.model.prompt={args.prompt}")
   if overrides and args.command == "prepare":
     print("capjax prepare: error: takes no --config overrides", file=sys.stderr)
     return 2

@@ -75,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--config", required=True, help="config file, or a name from configs/")
   s.add_argument("--workdir", required=True, help="run directory: local, gs://BUCKET/PATH or "
                  "s3://BUCKET/PATH (see the README's table)")
+  prompt_flag(s)
   distributed_flags(s)
 
   s = sub.add_parser("eval", help="caption a split and score BLEU, ROUGE-L, CIDEr-D",
@@ -87,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
                  "config's data.eval, with data.eval_split)")
   s.add_argument("--out", help="folder for the outputs, local or in a bucket (default: the run "
                  "directory)")
+  prompt_flag(s)
   distributed_flags(s)
 
   s = sub.add_parser("predict", help="caption image files, to JSONL",
@@ -189,7 +191,14 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def prompt_flag(s) -> None:
+  s.add_argument("--prompt", help="text every caption continues (config.model.prompt, e.g. "
+                 "BLIP's \"a picture of \"): trained without loss on its tokens, forced "
+                 "before decoding, left out of the captions")
+
+
 def decoding_flags(s) -> None:
+  prompt_flag(s)
   s.add_argument("--num-beams", type=int, help="beam search width (default: the config's "
                  "eval.num_beams; 1 is greedy)")
   s.add_argument("--max-length", type=int, help="most tokens per caption (default: the "

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from trainer.models.captioner import Captioner
@@ -54,18 +55,40 @@ class Sampling:
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 
 
-def greedy(model: Captioner, images: jax.Array, max_length: int, bos: int, eos: int,
+Start = int | tuple[int, ...]
+
+
+def _start(bos) -> tuple[int, ...]:
+  """The tokens every caption starts from: BOS, then a prompt's (forced)."""
+  return (int(bos),) if isinstance(bos, (int, np.integer)) else tuple(int(t) for t in bos)
+
+
+def _prefill(decode, start: tuple[int, ...], cross, cache, rows: int):
+  """The cache with every start token but the last written in: the loop's
+  first step feeds the last one."""
+  if len(start) == 1:
+    return cache
+  ids = jnp.broadcast_to(jnp.asarray(start[:-1], jnp.int32), (rows, len(start) - 1))
+  return decode(ids, cross, cache, 0)[1]
+
+
+def greedy(model: Captioner, images: jax.Array, max_length: int, bos: Start, eos: int,
            pad: int, no_repeat_ngram_size: int = 0, with_logprob: bool = False,
            sampling: Sampling | None = None):
   """images [B, H, W, C] uint8 -> token ids [B, max_length], padded after EOS
   (with `with_logprob`, and the sum of their log-probabilities [B]); the most
-  likely token each step, or with `sampling` a drawn one."""
+  likely token each step, or with `sampling` a drawn one. `bos`: the start
+  token, or a tuple of it and a prompt's tokens, which the captions continue
+  (and do not include)."""
   b = images.shape[0]
+  start = _start(bos)
+  s0 = len(start)
   cross = model.cross_kv(images)
-  cache = model.decoder.init_cache(b, max_length)
   decode = _pure_decoder(model)
+  cache = _prefill(decode, start, cross, model.decoder.init_cache(b, max_length + s0 - 1), b)
+  head = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b, s0))
   tokens = jnp.full((b, max_length), pad, jnp.int32)
-  state = (jnp.int32(0), jnp.full((b,), bos, jnp.int32), tokens,
+  state = (jnp.int32(0), head[:, -1], tokens,
            jnp.zeros((b,), bool), cache, jnp.zeros((b,), jnp.float32))
 
   def cond(s):
@@ -74,12 +97,12 @@ def greedy(model: Captioner, images: jax.Array, max_length: int, bos: int, eos: 
 
   def body(s):
     i, last, tokens, done, cache, total = s
-    logits, cache = decode(last[:, None], cross, cache, i)
+    logits, cache = decode(last[:, None], cross, cache, i + s0 - 1)
     logits = logits[:, -1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32)) if with_logprob else None
     if no_repeat_ngram_size:
-      seqs = jnp.concatenate([jnp.full((b, 1), bos, jnp.int32), tokens], axis=1)
-      ban = banned_tokens(seqs, i + 1, no_repeat_ngram_size, logits.shape[-1])
+      seqs = jnp.concatenate([head, tokens], axis=1)
+      ban = banned_tokens(seqs, i + s0, no_repeat_ngram_size, logits.shape[-1])
       logits = jnp.where(ban, -jnp.inf, logits)
     nxt = top_k(logits, 1)[1][:, 0] if sampling is None else sampling.draw(logits, i)
     if with_logprob:
@@ -125,7 +148,7 @@ def top_k(x: jax.Array, k: int, block: int = 128) -> tuple[jax.Array, jax.Array]
   return values, index.astype(jnp.int32)
 
 
-def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: int, eos: int, pad: int,
+def make_generate_fn(graphdef: nnx.GraphDef, eval_cfg, bos: Start, eos: int, pad: int,
                      param_shardings=None, batch_sharding=None, with_logprob: bool = False,
                      sampling: tuple[int, float, float] | None = None, num_return: int = 0):
   """A jitted (params, images) -> token ids (and with `with_logprob` the sum
@@ -193,29 +216,34 @@ def decode_text(tok, ids, eos: int) -> list[str]:
 
 
 def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams: int,
-                bos: int, eos: int, pad: int, length_penalty: float = 1.0,
+                bos: Start, eos: int, pad: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, no_repeat_ngram_size: int = 0,
                 with_logprob: bool = False, num_return: int = 0):
   """Beam search as `transformers`' `generate(num_beams=...)` computes it.
 
   Keeps 2 x num_beams candidates a step, finished hypotheses scored by
-  sum log-prob / length ** length_penalty, and the same stopping rules
-  (`early_stopping` True, False or "never"), and `no_repeat_ngram_size`.
-  images [B, H, W, C] uint8 ->
+  sum log-prob / length ** length_penalty (the length of what was
+  generated), and the same stopping rules (`early_stopping` True, False or
+  "never"), and `no_repeat_ngram_size`. `bos`: the start token, or a tuple
+  of it and a prompt's tokens, which the captions continue (and do not
+  include). images [B, H, W, C] uint8 ->
   the best hypothesis per image [B, max_length], padded after EOS (with
   `with_logprob`, and the sum of its tokens' log-probabilities [B]); with
   `num_return` N > 0, the N best [B, N, max_length] (and [B, N]).
   """
   b, k = images.shape[0], num_beams
+  start = _start(bos)
+  s0 = len(start)
   keep = 2 * k
-  total = max_length + 1  # the start token, then max_length new tokens
+  total = max_length + s0  # the start tokens, then max_length new tokens
   neg = jnp.float32(-1.0e9)
   cross = model.cross_kv(images)  # once per image, shared by its beams
-  cache = model.decoder.init_cache(b * k, max_length)
   decode = _pure_decoder(model)
-  running = jnp.full((b, k, total), pad, jnp.int32).at[:, :, 0].set(bos)
+  cache = _prefill(decode, start, cross, model.decoder.init_cache(b * k, total - 1), b * k)
+  running = jnp.full((b, k, total), pad, jnp.int32).at[:, :, :s0].set(
+      jnp.asarray(start, jnp.int32))
   state = dict(
-      cur=jnp.int32(1), running=running, running_scores=jnp.tile(
+      cur=jnp.int32(s0), running=running, running_scores=jnp.tile(
           jnp.concatenate([jnp.zeros((1,)), jnp.full((k - 1,), neg)]), (b, 1)).astype(jnp.float32),
       sequences=running, scores=jnp.full((b, k), neg), sums=jnp.zeros((b, k), jnp.float32),
       finished=jnp.zeros((b, k), bool),
@@ -263,7 +291,7 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
 
     # Those of the top K that stopped join the finished hypotheses.
     just_done = stopped & top_mask[None, :]
-    done_scores = top_logp / (cur.astype(jnp.float32) ** length_penalty)
+    done_scores = top_logp / ((cur - s0 + 1).astype(jnp.float32) ** length_penalty)
     full = jnp.all(s["finished"], axis=-1, keepdims=True) & (early_stopping is True)
     done_scores += full.astype(jnp.float32) * neg
     done_scores += (~s["open"]).astype(jnp.float32) * neg
@@ -277,9 +305,9 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
 
     cur = cur + 1
     if early_stopping == "never" and length_penalty > 0.0:
-      best_len = jnp.float32(total - 1)
+      best_len = jnp.float32(max_length)
     else:
-      best_len = (cur - 1).astype(jnp.float32)
+      best_len = (cur - s0).astype(jnp.float32)
     best_running = running_scores[:, :1] / (best_len ** length_penalty)
     worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
     open_ = s["open"] & jnp.any(best_running > worst_done, axis=-1, keepdims=True)
@@ -289,7 +317,7 @@ def beam_search(model: Captioner, images: jax.Array, max_length: int, num_beams:
 
   out = jax.lax.while_loop(cond, body, state)
   if num_return:
-    ids, sums = out["sequences"][:, :num_return, 1:], out["sums"][:, :num_return]
+    ids, sums = out["sequences"][:, :num_return, s0:], out["sums"][:, :num_return]
   else:
-    ids, sums = out["sequences"][:, 0, 1:], out["sums"][:, 0]
+    ids, sums = out["sequences"][:, 0, s0:], out["sums"][:, 0]
   return (ids, sums) if with_logprob else ids

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import jax
 import numpy as np
 
-from pipeline import images, tokenizer as tokenizer_lib
+from pipeline import images, tokenizer as tokenizer_lib, transforms
 from trainer import generate, params as params_lib, sharding
 
 
@@ -33,14 +33,19 @@ class TrainedCaptioner:
         r.workdir, r.step, r.cfg, r.mesh, r.params)
     cfg = r.cfg
     self.tok = tokenizer_lib.load(os.path.join(self.workdir, "tokenizer"))
-    self.bos, self.eos, self.pad = tokenizer_lib.special_ids(self.tok)
+    dec = cfg.model.decoder
+    self.bos, self.eos, self.pad = ((dec.bos_token_id, dec.eos_token_id, dec.pad_token_id)
+                                    if "eos_token_id" in dec else
+                                    tokenizer_lib.special_ids(self.tok))
+    # Captions continue [BOS] and the prompt's tokens (model.prompt), and leave them out.
+    self.start = (self.bos, *transforms.prompt_tokens(self.tok, cfg.model.get("prompt", "")))
     if cfg.eval.num_beams < 1:
       raise ValueError(f"eval.num_beams must be at least 1, got {cfg.eval.num_beams}")
     self._generate = generate.make_generate_fn(
-        r.graphdef, cfg.eval, self.bos, self.eos, self.pad,
+        r.graphdef, cfg.eval, self.start, self.eos, self.pad,
         r.shardings, sharding.batch_sharding(self.mesh))
     self._scored = generate.make_generate_fn(
-        r.graphdef, cfg.eval, self.bos, self.eos, self.pad, r.shardings,
+        r.graphdef, cfg.eval, self.start, self.eos, self.pad, r.shardings,
         sharding.batch_sharding(self.mesh), with_logprob=True, sampling=sampling,
         num_return=num_return)
     self.sampling = sampling

@@ -24,8 +24,9 @@ from trainer import checkpoint, config as config_lib, sharding
 from trainer.models import lora
 from trainer.models.captioner import build_captioner
 
-# Where the layer stacks sit in the parameter tree.
-STACKS = (("encoder", "layers"), ("decoder", "h"))
+# Where the layer stacks sit in the parameter tree (GPT-2's decoder keeps
+# Hugging Face's `h`; BLIP's text decoder has `layers`).
+STACKS = (("encoder", "layers"), ("decoder", "h"), ("decoder", "layers"))
 
 
 def abstract_model(cfg: ConfigDict, mesh: Mesh):
@@ -49,6 +50,8 @@ def to_layout(pure: dict, scan: bool) -> dict:
     parent = out
     for p in parent_path:
       parent = parent[p]
+    if name not in parent:
+      continue
     layers = parent[name]
     if scan and not is_stacked(layers):
       parent[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[i] for i in

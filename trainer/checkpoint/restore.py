@@ -146,7 +146,10 @@ def restore_train_state(mngr: ocp.CheckpointManager, abstract_params: Any,
 
 
 def load_config(workdir: str, step: int) -> ConfigDict:
-  return ConfigDict(_restore(manager(workdir, read_only=True), step, {}, ("config",))["config"])
+  cfg = ConfigDict(_restore(manager(workdir, read_only=True), step, {}, ("config",))["config"])
+  if "prompt" not in cfg.model:  # saved before model.prompt: none
+    cfg.model.prompt = ""
+  return cfg
 
 
 def load_params(workdir: str, step: int, abstract_params: Any) -> Any:

@@ -1,5 +1,6 @@
 """`capjax export-hf`: a capjax checkpoint as a Hugging Face folder that
-`VisionEncoderDecoderModel.from_pretrained` loads: config.json,
+`VisionEncoderDecoderModel.from_pretrained` loads (a BLIP decoder's:
+`BlipForConditionalGeneration` and `BlipProcessor`): config.json,
 model.safetensors, tokenizer files, preprocessor_config.json and
 generation_config.json. LoRA adapters are merged into the weights, or
 written apart in `peft`'s format (`--peft`).
@@ -21,7 +22,8 @@ from trainer import params as params_lib
 from trainer.hf import weights
 from trainer.hf.importer import RESAMPLE
 from trainer.models import lora
-from trainer.models.gpt2 import GPT2Config
+from trainer.models.blip_text import BlipTextConfig
+from trainer.models.captioner import decoder_config
 from trainer.models.vit import ViTConfig
 
 
@@ -40,26 +42,28 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
   workdir, cfg = r.workdir, r.cfg
   pure = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), nnx.to_pure_dict(r.params))
   enc = ViTConfig.from_dict(cfg.model.encoder.to_dict())
-  dec = GPT2Config.from_dict(cfg.model.decoder.to_dict())
+  dec = decoder_config(cfg.model.decoder)
   spec = lora.Spec.of(cfg.model)
   if peft and spec is None:
     raise ValueError(f"--peft: {checkpoint_path} has no LoRA adapters (model.lora.rank is 0)")
   adapter = weights.to_peft(pure, enc, dec) if peft else None
   if spec is not None:  # the base weights, or W + (alpha / rank) A B
     pure = lora.strip(pure) if peft else lora.merge(pure, spec.scale)
-  tensors = weights.to_hf(pure, enc, dec)
-  tensors.pop("decoder.lm_head.weight")  # tied to the token embedding on load
+  tensors = weights.to_hf(pure, enc, dec)  # without the tied LM head, restored on load
 
   tok = tokenizer_lib.load(os.path.join(workdir, "tokenizer"))
   bos, eos, pad = dec.bos_token_id, dec.eos_token_id, dec.pad_token_id
-  hf_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-      encoder_config(enc),
-      HFGPT2Config(**cfg.model.decoder.to_dict(), add_cross_attention=True, is_decoder=True))
-  hf_config.decoder_start_token_id = bos
-  hf_config.pad_token_id = pad
-  hf_config.eos_token_id = eos
-  hf_config.tie_word_embeddings = True
   processor = image_processor(cfg)
+  if isinstance(dec, BlipTextConfig):
+    hf_config = blip_config(enc, dec, cfg.train.get("label_smoothing", 0.0))
+  else:
+    hf_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        encoder_config(enc),
+        HFGPT2Config(**cfg.model.decoder.to_dict(), add_cross_attention=True, is_decoder=True))
+    hf_config.decoder_start_token_id = bos
+    hf_config.pad_token_id = pad
+    hf_config.eos_token_id = eos
+    hf_config.tie_word_embeddings = True
   generation = GenerationConfig(decoder_start_token_id=bos, bos_token_id=bos, eos_token_id=eos,
                                 pad_token_id=pad, max_length=cfg.eval.max_length + 1,
                                 num_beams=cfg.eval.num_beams,
@@ -67,13 +71,34 @@ def export_hf(checkpoint_path: str, out_dir: str, peft: bool = False) -> str:
   with atomic.folder(out_dir) as tmp:
     hf_config.save_pretrained(tmp)
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    tok.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    if hf_config.model_type == "blip":  # BlipProcessor's files: tokenizer and image processor
+      from transformers import BlipProcessor
+      BlipProcessor(image_processor=processor, tokenizer=tok).save_pretrained(tmp)
+    else:
+      tok.save_pretrained(tmp)
+      processor.save_pretrained(tmp)
     generation.save_pretrained(tmp)
     if adapter is not None:
       _save_peft_adapter(os.path.join(tmp, ADAPTER), adapter, hf_config, spec,
                          fs.absolute(out_dir))
   return fs.absolute(out_dir)
+
+
+def blip_config(enc: ViTConfig, dec: BlipTextConfig, label_smoothing: float):
+  """A BlipConfig: the vision tower's and the text decoder's fields; the
+  caption's end (capjax's `eos_token_id`) is the text config's `sep_token_id`,
+  where BLIP's `generate` stops."""
+  from transformers import BlipConfig
+
+  vision = {k: v for k, v in dataclasses.asdict(enc).items()
+            if k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "image_size", "patch_size", "hidden_act",
+                     "layer_norm_eps")}
+  vision["attention_dropout"] = enc.attention_probs_dropout_prob
+  text = {k: v for k, v in dataclasses.asdict(dec).items() if k not in ("model_type",
+                                                                          "eos_token_id")}
+  text.update(sep_token_id=dec.eos_token_id, label_smoothing=float(label_smoothing))
+  return BlipConfig(text_config=text, vision_config=vision, label_smoothing=float(label_smoothing))
 
 
 def encoder_config(enc: ViTConfig):
@@ -97,7 +122,8 @@ def image_processor(cfg):
   crop_fraction under 1, crops the centre (DeiTImageProcessor); "crop"
   resizes the shorter side to image_size / crop_fraction and crops the centre
   square (CLIPImageProcessor, as CLIP and DINOv2 preprocess)."""
-  from transformers import CLIPImageProcessor, DeiTImageProcessor, ViTImageProcessor
+  from transformers import (BlipImageProcessor, CLIPImageProcessor, DeiTImageProcessor,
+                            ViTImageProcessor)
 
   d = cfg.data
   common = dict(resample={v: k for k, v in RESAMPLE.items()}.get(d.resample, 3),
@@ -111,6 +137,8 @@ def image_processor(cfg):
   if side != d.image_size:
     return DeiTImageProcessor(do_resize=True, size={"height": side, "width": side},
                               do_center_crop=True, crop_size=crop, **common)
+  if cfg.model.decoder.get("model_type") == BlipTextConfig.model_type:
+    return BlipImageProcessor(do_resize=True, size=crop, do_convert_rgb=True, **common)
   return ViTImageProcessor(do_resize=True, size=crop, **common)
 
 
@@ -123,12 +151,13 @@ def _module_names(hf_config, saved_names: list[str]) -> dict[str, str]:
     import torch
   except ImportError:
     raise ValueError("--peft needs torch (as peft does) to name the model's modules") from None
-  from transformers import VisionEncoderDecoderModel
+  from transformers import BlipForConditionalGeneration, VisionEncoderDecoderModel
   from transformers.conversion_mapping import get_model_conversion_mapping
   from transformers.core_model_loading import WeightConverter, rename_source_key
 
   with torch.device("meta"):
-    model = VisionEncoderDecoderModel(hf_config)
+    model = (BlipForConditionalGeneration if hf_config.model_type == "blip"
+             else VisionEncoderDecoderModel)(hf_config)
   transforms = get_model_conversion_mapping(model)
   converters = [t for t in transforms if isinstance(t, WeightConverter)]
   renamings = [t for t in transforms if not isinstance(t, WeightConverter)]

@@ -1,7 +1,8 @@
 """`capjax import-hf`: a Hugging Face captioner (a VisionEncoderDecoderModel
-of a ViT, DeiT, CLIP or SigLIP vision tower or DINOv2 encoder and GPT-2; or
-such an encoder, or a whole CLIP or SigLIP model, and a GPT-2 decoder) into
-a capjax run directory that `predict`, `eval` and `train` take as it is.
+of a ViT, DeiT, CLIP or SigLIP vision tower or DINOv2 encoder and GPT-2, or a
+BlipForConditionalGeneration; or such an encoder, or a whole CLIP, SigLIP or
+BLIP model, and a GPT-2 decoder) into a capjax run directory that `predict`,
+`eval` and `train` take as it is.
 
 The run directory holds the parameters as an Orbax checkpoint at step 0, the
 config (model fields from the HF configs; image size, mean, std and resampling
@@ -25,8 +26,8 @@ from ml_collections import ConfigDict
 from pipeline import atomic, fs, tokenizer as tokenizer_lib
 from trainer import checkpoint, config as config_lib, params as params_lib
 from trainer.hf import weights
-from trainer.models.captioner import build_captioner
-from trainer.models.gpt2 import GPT2Config
+from trainer.models.blip_text import BlipTextConfig
+from trainer.models.captioner import build_captioner, decoder_config
 from trainer.models.vit import FAMILIES, ViTConfig
 
 # PIL's resampling codes, as image processors store them.
@@ -123,7 +124,8 @@ def interpolate_positions(pos: np.ndarray, grid: int, tokens: int = 1,
 
 
 # Whole image-text models whose vision tower `--encoder` takes.
-TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+TOWERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model",
+          "blip": "blip_vision_model"}
 
 
 def encoder_config(enc: dict, source: str) -> dict:
@@ -188,12 +190,25 @@ def _image_config(cfg: ConfigDict, image: dict, native: int, image_size: int | N
   cfg.model.image_std = tuple(image.get("image_std", (0.5, 0.5, 0.5)))
 
 
+def blip_text_config(top: dict) -> dict:
+  """A BlipForConditionalGeneration's text_config.json as capjax's
+  `model.decoder` fields, its class's defaults filled in: captions end at
+  its `sep_token_id`, where its `generate` stops them."""
+  from transformers import AutoConfig
+
+  text = AutoConfig.for_model(**top).text_config.to_dict()
+  text["model_type"] = BlipTextConfig.model_type
+  text["eos_token_id"] = text["sep_token_id"]
+  return text
+
+
 def _model_config(cfg: ConfigDict, enc: dict, dec: dict, image: dict,
                   image_size: int | None) -> None:
-  fields = lambda cls, d: {k: d[k] for k in (f.name for f in cls.__dataclass_fields__.values())
-                           if k in d and d[k] is not None}
+  cls = type(decoder_config(dec))
+  fields = {k: dec[k] for k in (f.name for f in dataclasses.fields(cls))
+            if k in dec and dec[k] is not None}
   cfg.model.encoder = ConfigDict(enc)
-  cfg.model.decoder = ConfigDict(fields(GPT2Config, dec))
+  cfg.model.decoder = ConfigDict(fields)
   _image_config(cfg, image, enc.get("image_size", 224), image_size)
   cfg.model.encoder.image_size = cfg.data.image_size
 
@@ -214,50 +229,63 @@ def import_hf(out_dir: str, hf_dir: str | None = None, encoder_dir: str | None =
     raise ValueError(f"--out {out_dir}: holds files already; in a bucket (no rename to "
                      "replace a folder whole) import-hf writes a new folder")
   cfg = config_lib.load(base_config, overrides)
+  top = {}
   if hf_dir:
     top = read_json(hf_dir, "config.json")
-    if top.get("model_type") != "vision-encoder-decoder":
-      raise ValueError(f"{hf_dir}: model_type is {top.get('model_type')!r}, "
-                       "expected 'vision-encoder-decoder' (or use --encoder/--decoder)")
-    enc, dec = encoder_config(top["encoder"], hf_dir), top["decoder"]
+    kind = top.get("model_type")
+    if kind not in ("vision-encoder-decoder", "blip"):
+      raise ValueError(f"{hf_dir}: model_type is {kind!r}, expected 'vision-encoder-decoder' "
+                       "or 'blip' (or use --encoder/--decoder)")
+    enc = encoder_config(top if kind == "blip" else top["encoder"], hf_dir)
+    dec = blip_text_config(top) if kind == "blip" else top["decoder"]
     enc_cfg = ViTConfig.from_dict(enc)  # the checkpoint's own image size
-    tensors = _encoder_tensors(read_tensors(hf_dir), enc_cfg, "encoder.", hf_dir)
+    under = "vision_model." if kind == "blip" else "encoder."
+    tensors = _encoder_tensors(read_tensors(hf_dir), enc_cfg, under, hf_dir)
     token_dir, image_dir = hf_dir, hf_dir
   else:
     enc = encoder_config(read_json(encoder_dir, "config.json"), encoder_dir)
     dec = read_json(decoder_dir, "config.json")
     enc_cfg = ViTConfig.from_dict(enc)
-    top = {}
     tensors = _encoder_tensors(read_tensors(encoder_dir), enc_cfg, "", encoder_dir)
     tensors = {k: v for k, v in tensors.items() if k.startswith("encoder.")}  # no text tower
     token_dir, image_dir = decoder_dir, encoder_dir
     for k, v in read_tensors(decoder_dir).items():
       k = k[len("transformer."):] if k.startswith("transformer.") else k  # a task head's
       tensors["decoder.transformer." + k] = v
-  if dec.get("model_type") != "gpt2":
+  blip = dec.get("model_type") == BlipTextConfig.model_type
+  if dec.get("model_type") != "gpt2" and not blip:
     raise ValueError(f"decoder model_type is {dec.get('model_type')!r}; capjax "
                      "supports 'gpt2' here")
-  weights.check_supported(dec, hf_dir or decoder_dir)
-  image = read_json(image_dir, "preprocessor_config.json", required=False)
+  if not blip:
+    weights.check_supported(dec, hf_dir or decoder_dir)
+  image = (read_json(image_dir, "preprocessor_config.json", required=False) or
+           # a processor saved by transformers 5 nests its image processor's settings
+           read_json(image_dir, "processor_config.json", required=False).get("image_processor", {}))
   _model_config(cfg, enc, dec, image, image_size)
 
   tok = tokenizer_lib.load(token_dir)
-  bos, eos, pad = tokenizer_lib.special_ids(tok)
-  first = lambda *values: next(v for v in values if v is not None)
-  # Decoding starts from the model's decoder_start_token_id, as `generate` does.
-  cfg.model.decoder.bos_token_id = first(top.get("decoder_start_token_id"),
-                                         dec.get("bos_token_id"), bos)
-  cfg.model.decoder.eos_token_id = first(top.get("eos_token_id"), dec.get("eos_token_id"), eos)
-  cfg.model.decoder.pad_token_id = first(top.get("pad_token_id"), dec.get("pad_token_id"),
-                                         cfg.model.decoder.eos_token_id)
+  if blip:  # its own [DEC] start, [SEP] end and padding, and its loss's smoothing
+    cfg.train.label_smoothing = float(dec.get("label_smoothing") or 0.0)
+  else:
+    bos, eos, pad = tokenizer_lib.special_ids(tok)
+    first = lambda *values: next(v for v in values if v is not None)
+    # Decoding starts from the model's decoder_start_token_id, as `generate` does.
+    cfg.model.decoder.bos_token_id = first(top.get("decoder_start_token_id"),
+                                           dec.get("bos_token_id"), bos)
+    cfg.model.decoder.eos_token_id = first(top.get("eos_token_id"), dec.get("eos_token_id"),
+                                           eos)
+    cfg.model.decoder.pad_token_id = first(top.get("pad_token_id"), dec.get("pad_token_id"),
+                                           cfg.model.decoder.eos_token_id)
 
-  dec_cfg = GPT2Config.from_dict(dec)
+  dec_cfg = decoder_config(cfg.model.decoder)
   model = build_captioner(cfg.model, seed)  # fills what a checkpoint lacks
   params = nnx.state(model, nnx.Param)
   pure = nnx.to_pure_dict(params)
   loaded = weights.to_capjax(
-      tensors, enc_cfg, dec_cfg, with_projection=bool(hf_dir) and
-      enc_cfg.hidden_size != dec_cfg.n_embd, source=hf_dir or f"{encoder_dir} + {decoder_dir}",
+      tensors, enc_cfg, dec_cfg, enc_prefix="encoder.",
+      dec_prefix=None if blip else "decoder.transformer.",
+      with_projection=bool(hf_dir) and not blip and enc_cfg.hidden_size != dec_cfg.n_embd,
+      source=hf_dir or f"{encoder_dir} + {decoder_dir}",
       fresh=() if hf_dir else (".crossattention.", ".ln_cross_attn."))
   grid = cfg.data.image_size // enc_cfg.patch_size
   loaded["encoder"]["position_embeddings"] = interpolate_positions(

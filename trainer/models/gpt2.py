@@ -45,19 +45,21 @@ class GPT2Config(FromDict):
 
 
 class _Attention(nnx.Module):
-  """Query, key, value and output projections."""
+  """Query, key, value and output projections: width `d` and `heads` heads,
+  keys and values from inputs of width `kv_dim` (`d` unless given)."""
 
-  def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype, attention: str):
-    d = cfg.n_embd
-    self.num_heads = cfg.n_head
+  def __init__(self, d: int, heads: int, rngs: nnx.Rngs, dtype, attention: str,
+               attn_pdrop: float, resid_pdrop: float, out_std: float = 0.02,
+               kv_dim: int | None = None):
+    kv_dim = kv_dim or d
+    self.num_heads = heads
     self.attention = attention
-    out_std = 0.02 / math.sqrt(2 * cfg.n_layer)
     self.query = dense(d, d, ("embed", "heads"), rngs, dtype)
-    self.key = dense(d, d, ("embed", "heads"), rngs, dtype)
-    self.value = dense(d, d, ("embed", "heads"), rngs, dtype)
+    self.key = dense(kv_dim, d, ("embed", "heads"), rngs, dtype)
+    self.value = dense(kv_dim, d, ("embed", "heads"), rngs, dtype)
     self.out = dense(d, d, ("heads", "embed"), rngs, dtype, stddev=out_std)
-    self.attn_pdrop = cfg.attn_pdrop
-    self.resid_pdrop = cfg.resid_pdrop
+    self.attn_pdrop = attn_pdrop
+    self.resid_pdrop = resid_pdrop
 
   def _attend(self, x: jax.Array, k: jax.Array, v: jax.Array, causal_from, key) -> jax.Array:
     q = split_heads(self.query(x, fold(key, 2)), self.num_heads)
@@ -96,9 +98,10 @@ class Block(nnx.Module):
   def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs, dtype, attention: str):
     d, eps = cfg.n_embd, cfg.layer_norm_epsilon
     self.ln_1 = layer_norm(d, eps, rngs, dtype)
-    self.attn = SelfAttention(cfg, rngs, dtype, attention)
+    drops = (cfg.attn_pdrop, cfg.resid_pdrop, 0.02 / math.sqrt(2 * cfg.n_layer))
+    self.attn = SelfAttention(d, cfg.n_head, rngs, dtype, attention, *drops)
     self.ln_cross_attn = layer_norm(d, eps, rngs, dtype)
-    self.crossattention = CrossAttention(cfg, rngs, dtype, attention)
+    self.crossattention = CrossAttention(d, cfg.n_head, rngs, dtype, attention, *drops)
     self.ln_2 = layer_norm(d, eps, rngs, dtype)
     self.mlp = Mlp(d, cfg.n_inner or 4 * d, cfg.activation_function, rngs, dtype,
                    out_stddev=0.02 / math.sqrt(2 * cfg.n_layer), dropout_rate=cfg.resid_pdrop)
@@ -111,7 +114,45 @@ class Block(nnx.Module):
     return x, cache
 
 
-class GPT2(nnx.Module):
+class CrossDecoder(nnx.Module):
+  """What GPT-2 and BLIP's text decoder share: a stack of layers
+  `layer(x, cross_kv, cache, index, key) -> (x, cache)`, each with a
+  `crossattention`, their cross K/V once per image, and the cache.
+  Subclasses give `stack` (the layers), `num_layers`, `num_heads` and `width`."""
+
+  def cross_kv(self, encoder_hidden: jax.Array, key: jax.Array | None = None):
+    """Cross-attention keys and values of every layer, once per image.
+    `key`: dropout in LoRA adapters (training)."""
+    return over_layers(self.stack, lambda layer, h, k: (h, layer.crossattention.kv(h, k)),
+                       encoder_hidden, layer_keys(key, self.num_layers, self.scan),
+                       self.scan)[1]
+
+  def init_cache(self, batch: int, max_length: int):
+    shape = (batch, self.num_heads, max_length, self.width // self.num_heads)
+    if self.scan:
+      shape = (self.num_layers,) + shape
+      return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+    return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            for _ in range(self.num_layers)]
+
+  def reorder_cache(self, cache, index: jax.Array):
+    """The cache's rows (sequences) picked by `index`, as beam search moves them."""
+    return jax.tree.map(lambda c: jnp.take(c, index, axis=1 if self.scan else 0), cache)
+
+  def run_layers(self, x: jax.Array, cross_kv, cache, index, key: jax.Array | None):
+    """The hidden states through the stack, and the updated cache (None without one)."""
+    keys = layer_keys(key, self.num_layers, self.scan)
+    if cache is None:  # training: no cache, layers rematerialised as configured
+      step = remat_layer(lambda layer, h, kv_key: (layer(h, kv_key[0], None, 0, kv_key[1])[0],
+                                                   None), self.remat)
+      per_layer = (cross_kv, keys) if self.scan else list(zip(cross_kv, keys))
+      return over_layers(self.stack, step, x, per_layer, self.scan)[0], None
+    per_layer = (cross_kv, cache) if self.scan else list(zip(cross_kv, cache))
+    return over_layers(self.stack, lambda layer, h, kc: layer(h, kc[0], kc[1], index), x,
+                       per_layer, self.scan)
+
+
+class GPT2(CrossDecoder):
   """Token ids [N, L] and per-layer cross K/V to logits [N, L, vocab].
 
   The language-model head is tied to the token embedding, as in GPT-2.
@@ -125,6 +166,7 @@ class GPT2(nnx.Module):
     self.dtype = dtype
     self.remat = remat
     self.scan = scan
+    self.num_layers, self.num_heads, self.width = cfg.n_layer, cfg.n_head, cfg.n_embd
     self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, rngs=rngs,
                          embedding_init=named(normal(), "vocab", "embed"))
     self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, rngs=rngs,
@@ -132,24 +174,9 @@ class GPT2(nnx.Module):
     self.h = layer_stack(lambda r: Block(cfg, r, dtype, attention), cfg.n_layer, rngs, scan)
     self.ln_f = layer_norm(cfg.n_embd, cfg.layer_norm_epsilon, rngs, dtype)
 
-  def cross_kv(self, encoder_hidden: jax.Array, key: jax.Array | None = None):
-    """Cross-attention keys and values of every layer, once per image.
-    `key`: dropout in LoRA adapters (training)."""
-    return over_layers(self.h, lambda block, h, k: (h, block.crossattention.kv(h, k)),
-                       encoder_hidden, layer_keys(key, self.cfg.n_layer, self.scan),
-                       self.scan)[1]
-
-  def init_cache(self, batch: int, max_length: int):
-    shape = (batch, self.cfg.n_head, max_length, self.cfg.n_embd // self.cfg.n_head)
-    if self.scan:
-      shape = (self.cfg.n_layer,) + shape
-      return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
-    return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-            for _ in range(self.cfg.n_layer)]
-
-  def reorder_cache(self, cache, index: jax.Array):
-    """The cache's rows (sequences) picked by `index`, as beam search moves them."""
-    return jax.tree.map(lambda c: jnp.take(c, index, axis=1 if self.scan else 0), cache)
+  @property
+  def stack(self):
+    return self.h
 
   def __call__(self, input_ids: jax.Array, cross_kv, cache=None, index: jax.Array | int = 0,
                key: jax.Array | None = None):
@@ -158,17 +185,7 @@ class GPT2(nnx.Module):
     positions = index + jnp.arange(input_ids.shape[1])
     x = self.wte(input_ids) + self.wpe(positions)[None]
     x = dropout(x, self.cfg.embd_pdrop, fold(key, 0))
-    keys = layer_keys(fold(key, 1), self.cfg.n_layer, self.scan)
-    if cache is None:  # training: no cache, layers rematerialised as configured
-      step = remat_layer(lambda block, h, kv_key: (block(h, kv_key[0], None, 0, kv_key[1])[0],
-                                                   None), self.remat)
-      per_layer = (cross_kv, keys) if self.scan else list(zip(cross_kv, keys))
-      x, _ = over_layers(self.h, step, x, per_layer, self.scan)
-      new_cache = None
-    else:
-      per_layer = (cross_kv, cache) if self.scan else list(zip(cross_kv, cache))
-      x, new_cache = over_layers(
-          self.h, lambda block, h, kc: block(h, kc[0], kc[1], index), x, per_layer, self.scan)
+    x, new_cache = self.run_layers(x, cross_kv, cache, index, fold(key, 1))
     x = self.ln_f(x)
     logits = self.wte.attend(x).astype(jnp.float32)
     return logits, new_cache

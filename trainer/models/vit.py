@@ -1,6 +1,7 @@
 """Vision Transformer encoders, layer for layer Hugging Face's PyTorch models:
-`ViTModel`, `DeiTModel`, `CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model`
-and `Dinov2WithRegistersModel`, named by `model_type` as in their config.json.
+`ViTModel`, `DeiTModel`, `CLIPVisionModel`, `SiglipVisionModel`, `Dinov2Model`,
+`Dinov2WithRegistersModel` and `BlipVisionModel`, named by `model_type` as in
+their config.json.
 
 They share one block (pre-norm attention and MLP) and differ where the
 architectures do, as `Family` lists: the tokens before the patches, a bias
@@ -45,6 +46,9 @@ FAMILIES = {
     "siglip_vision_model": Family(tokens=()),
     "dinov2": Family(layer_scale=True, mask_token=True),
     "dinov2_with_registers": Family(layer_scale=True, mask_token=True),
+    # BLIP's: CLIP's layout (its fused qkv split on import) without the layer
+    # norm before the blocks, and its post_layernorm on the last hidden state.
+    "blip_vision_model": Family(),
 }
 
 
