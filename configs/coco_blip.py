@@ -1,5 +1,5 @@
 """Fine-tuning BLIP (Salesforce/blip-image-captioning-base: ViT-B/16 at 384 px
-and BLIP's BERT text decoder, 247M parameters) on COCO captions, Karpathy
+and BLIP's BERT text decoder, 224M parameters) on COCO captions, Karpathy
 splits, as BLIP's own COCO captioning recipe does (caption_coco.yaml):
 prompt "a picture of ", label smoothing 0.1, 5 epochs at 1e-5 with a cosine
 decay, weight decay 0.05, 3 beams. docs/coco.md compares it with the
@@ -15,7 +15,7 @@ model section below describes the same model, for runs without it. The
 -large checkpoint (ViT-L/16, 470M) imports the same way.
 
 Memory: parameters, gradients and Adam's two moments in float32 take 16
-bytes a parameter, 4.0 GB, held whole on each chip with the data parallelism
+bytes a parameter, 3.6 GB, held whole on each chip with the data parallelism
 below. On chips with little memory (a v5e's 16 GB) or for larger batches,
 shard them: `--config.mesh.fsdp=-1 --config.mesh.data=1`, and
 `--config.model.remat=full` (docs/coco.md#blip).
