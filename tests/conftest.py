@@ -11,6 +11,7 @@ each program once.
 
 import atexit
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,19 @@ def run_local(n, m, *args, timeout=900):
                         env={**os.environ, "CAPJAX_PYTHON": sys.executable})
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return proc
+
+
+def run_and_kill(args, text: str, env=None, timeout: float = 600) -> None:
+  """`capjax ARGS` in a process group of its own (its workers with it),
+  SIGKILLed whole once a line of its output holds `text`."""
+  proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True, env={**os.environ, **(env or {})})
+  try:
+    Output(proc).wait_for(text, timeout)
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait(30)
 
 
 class Output:

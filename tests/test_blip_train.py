@@ -4,14 +4,11 @@ captioning in transformers as it does in capjax."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, Output, run_capjax
+from tests.conftest import REPO, run_and_kill, run_capjax
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -72,15 +69,9 @@ def test_blip_trains_sharded_as_on_one_device_and_resumes_exactly(prepared, tmp_
                              [_losses(one)[s] for s in sorted(sharded)], rtol=1e-5)
 
   killed = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, "-m", "trainer.cli",
-                           *_args(config, prepared, killed, "--config.train.steps=100000")],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True, env={**os.environ, **_devices(1)})
-  try:
-    Output(proc).wait_for("step 7/", 600)  # the save at 6 began: the one at 3 is complete
-  finally:
-    os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait(30)
+  # the save at 6 began: the one at 3 is complete
+  run_and_kill(_args(config, prepared, killed, "--config.train.steps=100000"), "step 7/",
+               env=_devices(1))
   again = run_capjax(*_args(config, prepared, killed, f"--config.train.steps={STEPS}"),
                      env=_devices(1))
   assert "resuming from the checkpoint at step" in again.stdout

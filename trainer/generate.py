@@ -37,13 +37,18 @@ def banned_tokens(seqs: jax.Array, length: jax.Array, n: int, vocab: int) -> jax
 class Sampling:
   """Tokens drawn instead of the most likely: from the softmax at
   `temperature`, within the smallest set of tokens whose probability
-  reaches `top_p`; row r draws with `keys[r]`, folded with the position."""
+  reaches `top_p` (and the `top_k` most likely, if set); row r draws with
+  `keys[r]`, folded with the position."""
   keys: jax.Array  # [B] typed PRNG keys
   temperature: float = 1.0
   top_p: float = 1.0
+  top_k: int = 0  # > 0: only the k most likely tokens
 
   def draw(self, logits: jax.Array, step: jax.Array) -> jax.Array:
     x = logits.astype(jnp.float32) / self.temperature
+    if self.top_k:
+      kth = top_k(x, self.top_k)[0][:, -1:]
+      x = jnp.where(x >= kth, x, -jnp.inf)
     if self.top_p < 1.0:
       order = jnp.sort(x, axis=-1)[:, ::-1]
       mass = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
@@ -74,13 +79,14 @@ def _prefill(decode, start: tuple[int, ...], cross, cache, rows: int):
 
 def greedy(model: Captioner, images: jax.Array, max_length: int, bos: Start, eos: int,
            pad: int, no_repeat_ngram_size: int = 0, with_logprob: bool = False,
-           sampling: Sampling | None = None):
+           sampling: Sampling | None = None, per_image: int = 1):
   """images [B, H, W, C] uint8 -> token ids [B, max_length], padded after EOS
   (with `with_logprob`, and the sum of their log-probabilities [B]); the most
   likely token each step, or with `sampling` a drawn one. `bos`: the start
   token, or a tuple of it and a prompt's tokens, which the captions continue
-  (and do not include)."""
-  b = images.shape[0]
+  (and do not include). `per_image` N: N captions an image, [B * N, ...],
+  image b's rows b * N .. b * N + N - 1, behind one encoder pass."""
+  b = images.shape[0] * per_image
   start = _start(bos)
   s0 = len(start)
   cross = model.cross_kv(images)

@@ -1,5 +1,6 @@
 """The train step: cross-entropy averaged over the non-padding tokens of the
-whole global batch (label smoothing optional), gradient accumulation over
+whole global batch (label smoothing optional; weighted by each caption's
+`advantage` where the batch has one, for SCST), gradient accumulation over
 micro-batches, and a guard that never applies a non-finite update.
 
 The whole batch's token count is known before the gradient (the loss
@@ -38,6 +39,8 @@ def token_losses(params, graphdef, batch, key=None, label_smoothing: float = 0.0
     ce = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
   else:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if "advantage" in batch:  # SCST (trainer/scst.py): -A log p of each sampled token
+    ce = ce * batch["advantage"][..., None]
   mask = batch["loss_mask"]
   return (ce * mask).sum(), mask.sum()
 

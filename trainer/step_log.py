@@ -100,7 +100,9 @@ class StepLog:
       if self._peak:
         speed["train/mfu"] = flops * rate / self._peak
     self._writer.write_scalars(s, speed)
-    print(f"step {s}/{self._total}  loss {self.last['train/loss']:.4f}  {rate:.2f} steps/s  "
+    reward = (f"  reward {self.last['scst/reward']:.4f}" if "scst/reward" in self.last else "")
+    print(f"step {s}/{self._total}  loss {self.last['train/loss']:.4f}{reward}  "
+          f"{rate:.2f} steps/s  "
           f"ETA {eta((self._total - s) / rate)}" +
           (f"  ({self.skipped} unusable records skipped)" if self.skipped else "") +
           (f"  ({self.nonfinite} non-finite steps skipped)" if self.nonfinite else ""),

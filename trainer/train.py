@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 
 from pipeline import fs, loader, mixture, tokenizer as tokenizer_lib, transforms
 from trainer import checkpoint, config as config_lib, faults, sharding, writers
-from trainer import flops as flops_lib, params as params_lib, step as step_lib
+from trainer import flops as flops_lib, params as params_lib, scst, step as step_lib
 from trainer.periodic_eval import EVAL_SCALARS, PeriodicEval
 from trainer.preemption import Preemption
 from trainer.step_log import NonFiniteStep, StepLog
@@ -109,6 +109,8 @@ def check_train_config(cfg: ConfigDict) -> None:
                      f"eval.every_steps > 0 and one of {', '.join(EVAL_SCALARS)}")
   if not 0.0 <= t.label_smoothing < 1.0:
     raise ValueError(f"train.label_smoothing={t.label_smoothing} is not in [0, 1)")
+  if t.get("objective", "xent") not in ("xent", "scst"):
+    raise ValueError(f"train.objective: {t.objective!r} is not xent or scst")
 
 
 def resolve_steps(cfg: ConfigDict, num_records: int) -> None:
@@ -188,14 +190,21 @@ def train(cfg: ConfigDict, workdir: str) -> dict[str, Any]:
   saves = checkpoint.Cadence(mngr, cfg, data_iter)
   periodic_eval = PeriodicEval(cfg, workdir, mesh, setup.graphdef, setup.param_sh,
                                tokenizer_dir, writer)
+  critic = (scst.Critic(cfg, setup.graphdef, mesh, setup.param_sh, tokenizer_dir, workdir)
+            if cfg.train.get("objective", "xent") == "scst" else None)
   preemption = Preemption()
   done = start  # the step whose state is in hand
   try:
     while done < cfg.train.steps and not preemption.reached(done):
       t0 = time.time()
-      batch = sharding.global_batch(next(data_iter), mesh)
+      local = next(data_iter)
       log.waited(time.time() - t0)
-      params, opt_state, metrics = run_step(params, opt_state, batch)
+      rewards = {}
+      if critic is not None:  # sampled captions and their advantages replace the captions
+        local, rewards = critic(params, local, done)
+      params, opt_state, metrics = run_step(params, opt_state,
+                                            sharding.global_batch(local, mesh))
+      metrics = {**metrics, **rewards}
       done += 1
       log.push(done, metrics)
       if saves.due(done):
