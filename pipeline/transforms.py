@@ -30,6 +30,12 @@ def prompt_tokens(tok, prompt: str) -> list[int]:
   return _token_ids(tok, [prompt])[0] if prompt else []
 
 
+def start_tokens(tok, model_cfg, bos: int) -> tuple[int, ...]:
+  """What decoding starts from: [BOS] and the tokens of `model.prompt`,
+  which the captions continue and leave out."""
+  return (bos, *prompt_tokens(tok, model_cfg.get("prompt", "")))
+
+
 def tokenize_captions(tok, captions: Sequence[str], max_length: int,
                       special: tuple[int, int, int] | None = None,
                       prompt: Sequence[int] = ()) -> dict[str, np.ndarray]:

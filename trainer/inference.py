@@ -37,8 +37,7 @@ class TrainedCaptioner:
     self.bos, self.eos, self.pad = ((dec.bos_token_id, dec.eos_token_id, dec.pad_token_id)
                                     if "eos_token_id" in dec else
                                     tokenizer_lib.special_ids(self.tok))
-    # Captions continue [BOS] and the prompt's tokens (model.prompt), and leave them out.
-    self.start = (self.bos, *transforms.prompt_tokens(self.tok, cfg.model.get("prompt", "")))
+    self.start = transforms.start_tokens(self.tok, cfg.model, self.bos)
     if cfg.eval.num_beams < 1:
       raise ValueError(f"eval.num_beams must be at least 1, got {cfg.eval.num_beams}")
     self._generate = generate.make_generate_fn(

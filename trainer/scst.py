@@ -124,10 +124,7 @@ def score(texts: Sequence[str], refs: Sequence[Sequence[str]], df: DocumentFrequ
   """(reward, CIDEr-D) of raw captions against raw references, both
   PTB-tokenized as the COCO evaluation does: the reward is CIDEr-D
   (+ bleu_weight x BLEU-4)."""
-  hyps = caption_metrics.tokenize(texts)
-  flat = caption_metrics.tokenize([r for rs in refs for r in rs])
-  at = np.concatenate([[0], np.cumsum([len(rs) for rs in refs])])
-  toks = [flat[at[i]:at[i + 1]] for i in range(len(refs))]
+  hyps, toks = caption_metrics.tokenized(texts, refs)
   cider = cider_d(hyps, toks, df)
   return (cider + bleu_weight * bleu4(hyps, toks) if bleu_weight else cider), cider
 
@@ -219,15 +216,13 @@ class Critic:
     from pipeline import tokenizer as tokenizer_lib, transforms
     from trainer import sharding
     check_config(cfg)
-    self.cfg, self.mesh, self.s = cfg, mesh, cfg.train.scst
+    self.mesh, self.s = mesh, cfg.train.scst
     self.tok = tokenizer_lib.load(tokenizer_dir)
     dec = cfg.model.decoder
-    self.eos, self.pad = dec.eos_token_id, dec.pad_token_id
-    self.start = (dec.bos_token_id,
-                  *transforms.prompt_tokens(self.tok, cfg.model.get("prompt", "")))
-    self.batch_sh = sharding.batch_sharding(mesh)
-    self.sample = make_sample_fn(graphdef, cfg, self.start, self.eos, self.pad, param_sh,
-                                 self.batch_sh)
+    self.eos = dec.eos_token_id
+    self.start = transforms.start_tokens(self.tok, cfg.model, dec.bos_token_id)
+    self.sample = make_sample_fn(graphdef, cfg, self.start, self.eos, dec.pad_token_id,
+                                 param_sh, sharding.batch_sharding(mesh))
     self.df = document_frequencies(cfg, workdir)
 
   def references(self, local: dict) -> list[list[str]]:

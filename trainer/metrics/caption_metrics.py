@@ -228,7 +228,7 @@ def _cider_d(c: _Corpus, sigma: float = 6.0) -> float:
   return float(np.mean(per_image))
 
 
-def _tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]):
+def tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]):
   """Predictions and references tokenized as the COCO evaluation does: all
   references in image order in one pass, then all predictions in another."""
   flat = tokenize([r for rs in references for r in rs])
@@ -240,7 +240,7 @@ def _tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]):
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
   """BLEU-1..4, ROUGE-L and CIDEr-D of raw captions, tokenized as the COCO
   evaluation does."""
-  hyps, refs = _tokenized(predictions, references)
+  hyps, refs = tokenized(predictions, references)
   corpus = _Corpus(hyps, refs, str.split)
   b = _bleu(corpus)
   out = {f"bleu{k + 1}": b[k] for k in range(N)}
@@ -260,7 +260,7 @@ def meteor(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> f
   COCO evaluation does (needs Java; see meteor_available)."""
   from pycocoevalcap.meteor.meteor import Meteor
 
-  hyps, refs = _tokenized(predictions, references)
+  hyps, refs = tokenized(predictions, references)
   gts = dict(enumerate(refs))
   res = {i: [h] for i, h in enumerate(hyps)}
   value, _ = Meteor().compute_score(gts, res)
