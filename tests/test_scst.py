@@ -51,6 +51,13 @@ def test_rewards_and_advantages_equal_pycocoevalcap_with_the_training_frequencie
   reward, cider = scst.score([hyps[i] for i in batch], [refs[i] for i in batch], df)
   np.testing.assert_allclose(cider, expected[batch], rtol=1e-12)
   assert (reward == cider).all() and expected.max() > 1.0 and expected.min() < 0.5
+  # A sampled caption may hold any byte the BPE knows, line breaks (\x0b,
+  # \u2028) and a tag's opening among them: scored alone, it moves no other
+  # caption's tokens (one pass over the batch would shift the rest).
+  odd = ["a small\x0bred cross\u2028on a <b c='x background"]
+  _, shifted = scst.score(odd + [hyps[i] for i in batch], [refs[batch[0]]] + [
+      refs[i] for i in batch], df)
+  np.testing.assert_allclose(shifted[1:], expected[batch], rtol=1e-12)
   with_bleu, _ = scst.score([hyps[i] for i in batch], [refs[i] for i in batch], df, 0.5)
   bleu4 = [caption_metrics.bleu(caption_metrics.tokenize([hyps[i]]),
                                 [caption_metrics.tokenize(refs[i])])[3] for i in batch]

@@ -29,7 +29,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from trainer import generate
-from trainer.metrics import caption_metrics
+from trainer.metrics import caption_metrics, ptb_tokenizer
 
 N = caption_metrics.N
 DF_FILE = "scst_df.json"
@@ -55,7 +55,7 @@ class DocumentFrequencies:
   def build(cls, references: Iterable[Sequence[str]]) -> "DocumentFrequencies":
     """From each training image's raw reference captions."""
     refs = [list(r) for r in references if len(r)]
-    flat = caption_metrics.tokenize([c for r in refs for c in r])
+    flat = ptb_tokenizer.tokenize_each([c for r in refs for c in r])
     counts: collections.Counter = collections.Counter()
     at = 0
     for r in refs:
@@ -121,10 +121,11 @@ def bleu4(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
 
 def score(texts: Sequence[str], refs: Sequence[Sequence[str]], df: DocumentFrequencies,
           bleu_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-  """(reward, CIDEr-D) of raw captions against raw references, both
-  PTB-tokenized as the COCO evaluation does: the reward is CIDEr-D
-  (+ bleu_weight x BLEU-4)."""
-  hyps, toks = caption_metrics.tokenized(texts, refs)
+  """(reward, CIDEr-D) of raw captions against raw references, each
+  PTB-tokenized as the COCO evaluation tokenizes it alone (a sampled
+  caption's odd characters cannot shift another's tokens): the reward is
+  CIDEr-D (+ bleu_weight x BLEU-4)."""
+  hyps, toks = caption_metrics.tokenized(texts, refs, each=True)
   cider = cider_d(hyps, toks, df)
   return (cider + bleu_weight * bleu4(hyps, toks) if bleu_weight else cider), cider
 

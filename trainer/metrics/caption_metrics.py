@@ -228,11 +228,14 @@ def _cider_d(c: _Corpus, sigma: float = 6.0) -> float:
   return float(np.mean(per_image))
 
 
-def tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]):
+def tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]],
+              each: bool = False):
   """Predictions and references tokenized as the COCO evaluation does: all
-  references in image order in one pass, then all predictions in another."""
-  flat = tokenize([r for rs in references for r in rs])
-  hyps = tokenize(predictions)
+  references in image order in one pass, then all predictions in another;
+  with `each`, every caption as that evaluation tokenizes it alone."""
+  tok = ptb_tokenizer.tokenize_each if each else tokenize
+  flat = tok([r for rs in references for r in rs])
+  hyps = tok(predictions)
   at = np.concatenate([[0], np.cumsum([len(rs) for rs in references])])
   return hyps, [flat[at[i]:at[i + 1]] for i in range(len(references))]
 

@@ -207,5 +207,22 @@ def tokenize_captions(captions: Sequence[str]) -> list[str]:
       while j < len(texts) and not texts[j].strip():
         j += 1
       lines.append(lex("\n".join(texts[i:j + 1]), first_line=True)[0])
-  return [" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATION)
-          for line in lines]
+  return [_unpunctuated(line) for line in lines]
+
+
+def tokenize_each(captions: Sequence[str]) -> list[str]:
+  """Each caption's tokens as pycocoevalcap gives them for that caption on
+  its own: no caption's tokens depend on its neighbours (a `<` that opens
+  a tag in one caption does not shift the lines of those after it), as a
+  reward per caption needs."""
+  out = []
+  for c in captions:
+    text = _OTHER_NEWLINES.sub(" ", c.replace("\n", " "))
+    words = None if "<" in text else _simple(text)
+    out.append(_unpunctuated(" ".join(words) if words is not None
+                             else lex(text, first_line=True)[0]))
+  return out
+
+
+def _unpunctuated(line: str) -> str:
+  return " ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATION)
