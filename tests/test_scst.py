@@ -148,7 +148,8 @@ import json, sys
 import jax, numpy as np
 from trainer import config as config_lib, scst, sharding, step as step_lib
 cfg = config_lib.load(sys.argv[1], ["config.model.decoder.vocab_size=300",
-                                    "config.train.objective=scst"])
+                                    "config.train.objective=scst", "config.train.scst.top_k=3",
+                                    "config.train.scst.temperature=0.8"])
 cfg.model.decoder.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
 rng = np.random.default_rng(0)
 samples = rng.integers(1, 300, (8, 5, 10))
@@ -176,7 +177,8 @@ print(json.dumps(out))
 
 def test_an_scst_step_sharded_equals_one_device_given_the_same_samples():
   """The SCST step (advantage-weighted log-probabilities of 5 samples an
-  image behind one encoder pass) as data=2, fsdp=2, tensor=2 on 8 devices:
+  image behind one encoder pass, under the top-3 distribution at temperature
+  0.8 they are drawn from) as data=2, fsdp=2, tensor=2 on 8 devices:
   the loss, gradient norm and updated parameters of one device, within 1e-5."""
   proc = subprocess.run([sys.executable, "-c", SHARDED_STEP, TINY_CONFIG], cwd=REPO,
                         capture_output=True, text=True, timeout=300,

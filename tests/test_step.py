@@ -132,3 +132,37 @@ def test_a_bfloat16_first_moment_trains_as_float32_does():
   bad.mu_dtype = "float16"
   with pytest.raises(ValueError, match="train.mu_dtype: unknown 'float16'"):
     optim.optimizer(bad)
+
+
+@pytest.mark.parametrize("policy", [(1.0, 1.0, 0), (0.7, 1.0, 3), (1.0, 0.8, 0), (1.3, 0.9, 5)])
+def test_scst_loss_is_the_sampling_distributions_log_probability(policy):
+  """With an advantage per caption (SCST), each token's loss is -A log q,
+  q the distribution samples are drawn from: softmax(logits / T) cut to the
+  top k and to the top-p mass, renormalised (numpy here, sorting each row).
+  Tokens outside it (the padding after EOS, a sample rounding put at the
+  cut) count as the temperature's softmax within the cut plus themselves,
+  and no gradient is non-finite."""
+  t, top_p, k = policy
+  graphdef, params, batch = _model_and_batch()
+  rng = np.random.default_rng(1)
+  adv = rng.normal(size=batch["labels"].shape[:2]).astype(np.float32)
+  batch = {**batch, "advantage": jnp.asarray(adv)}
+  loss, tokens = step_lib.loss_fn(params, graphdef, batch, policy=policy)
+  logits = np.asarray(nnx.merge(graphdef, params)(batch["image"], batch["input_ids"]),
+                      np.float64) / t
+  labels, mask = np.asarray(batch["labels"]), np.asarray(batch["loss_mask"])
+  want = 0.0
+  for idx in np.ndindex(*labels.shape):
+    x = logits[idx]
+    order = np.argsort(-x, kind="stable")
+    keep = np.zeros(x.shape, bool)
+    order = order[:k or len(x)]  # top-p within the top k, as transformers filters
+    p = np.exp(x[order] - x.max())
+    p /= p.sum()
+    keep[order[np.cumsum(p) - p < top_p]] = True
+    keep[labels[idx]] = True
+    lse = np.log(np.exp(x[keep] - x.max()).sum()) + x.max()
+    want += mask[idx] * adv[idx[:2]] * (lse - x[labels[idx]])
+  assert float(loss) == pytest.approx(want / mask.sum(), rel=1e-5)
+  grads = jax.grad(lambda p: step_lib.loss_fn(p, graphdef, batch, policy=policy)[0])(params)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))

@@ -45,19 +45,28 @@ class Sampling:
   top_k: int = 0  # > 0: only the k most likely tokens
 
   def draw(self, logits: jax.Array, step: jax.Array) -> jax.Array:
-    x = logits.astype(jnp.float32) / self.temperature
-    if self.top_k:
-      kth = top_k(x, self.top_k)[0][:, -1:]
-      x = jnp.where(x >= kth, x, -jnp.inf)
-    if self.top_p < 1.0:
-      order = jnp.sort(x, axis=-1)[:, ::-1]
-      mass = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
-      # the smallest logit still inside: the first whose mass before it is < top_p
-      inside = (mass - jax.nn.softmax(order, axis=-1)) < self.top_p
-      floor = jnp.min(jnp.where(inside, order, jnp.inf), axis=-1, keepdims=True)
-      x = jnp.where(x >= floor, x, -jnp.inf)
+    x = truncate(logits, self.temperature, self.top_p, self.top_k)
     keys = jax.vmap(jax.random.fold_in, (0, None))(self.keys, step)
     return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+
+def truncate(logits: jax.Array, temperature: float = 1.0, top_p: float = 1.0,
+             k: int = 0) -> jax.Array:
+  """[R, V] logits of the distribution `Sampling` draws from: divided by
+  the temperature, -inf outside the `k` most likely tokens (k > 0) and
+  outside the smallest set whose probability reaches `top_p`."""
+  x = logits.astype(jnp.float32) / temperature
+  if k:
+    kth = top_k(x, k)[0][:, -1:]
+    x = jnp.where(x >= kth, x, -jnp.inf)
+  if top_p < 1.0:
+    order = jnp.sort(x, axis=-1)[:, ::-1]
+    mass = jnp.cumsum(jax.nn.softmax(order, axis=-1), axis=-1)
+    # the smallest logit still inside: the first whose mass before it is < top_p
+    inside = (mass - jax.nn.softmax(order, axis=-1)) < top_p
+    floor = jnp.min(jnp.where(inside, order, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x >= floor, x, -jnp.inf)
+  return x
 
 
 Start = int | tuple[int, ...]

@@ -1,6 +1,7 @@
 """The train step: cross-entropy averaged over the non-padding tokens of the
-whole global batch (label smoothing optional; weighted by each caption's
-`advantage` where the batch has one, for SCST), gradient accumulation over
+whole global batch (label smoothing optional; for SCST, where the batch has
+an `advantage` per caption, the advantage-weighted negative log-probability
+under the distribution the captions were sampled from), gradient accumulation over
 micro-batches, and a guard that never applies a non-finite update.
 
 The whole batch's token count is known before the gradient (the loss
@@ -22,32 +23,45 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from trainer import generate
+
 
 class NonFiniteLoss(ValueError):
   """A step whose loss or gradients were not finite (`train.nonfinite=stop`)."""
 
 
-def token_losses(params, graphdef, batch, key=None, label_smoothing: float = 0.0):
+def token_losses(params, graphdef, batch, key=None, label_smoothing: float = 0.0,
+                 policy: tuple[float, float, int] | None = None):
   """(sum of the per-token losses over non-padding tokens, their count).
-  Dropout (at the config's rates) when `key` is given."""
+  Dropout (at the config's rates) when `key` is given. `policy`
+  (temperature, top_p, top_k): with an `advantage` in the batch, the
+  log-probabilities are those of the distribution the samples were drawn
+  from (generate.truncate), so that lowering a bad sample's probability
+  moves it to the tokens that could have been drawn instead."""
   logits = nnx.merge(graphdef, params)(batch["image"], batch["input_ids"], key)
   labels = batch["labels"]
-  if label_smoothing:
+  if "advantage" in batch:  # SCST (trainer/scst.py): -A log p of each sampled token
+    if policy is not None:
+      x = generate.truncate(logits.reshape(-1, logits.shape[-1]), *policy).reshape(logits.shape)
+      # the sampled token stays in even where rounding put it at the cut
+      logits = jnp.where(jax.nn.one_hot(labels, x.shape[-1], dtype=bool), logits / policy[0], x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    ce = ce * batch["advantage"][..., None]
+  elif label_smoothing:
     # transformers' label smoothing: (1 - e) * NLL + e * mean over the vocabulary of -log p.
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     ce = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
   else:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if "advantage" in batch:  # SCST (trainer/scst.py): -A log p of each sampled token
-    ce = ce * batch["advantage"][..., None]
   mask = batch["loss_mask"]
   return (ce * mask).sum(), mask.sum()
 
 
-def loss_fn(params, graphdef, batch, key=None, label_smoothing: float = 0.0):
+def loss_fn(params, graphdef, batch, key=None, label_smoothing: float = 0.0,
+            policy: tuple[float, float, int] | None = None):
   """Mean loss over the batch's non-padding tokens, and their count."""
-  total, tokens = token_losses(params, graphdef, batch, key, label_smoothing)
+  total, tokens = token_losses(params, graphdef, batch, key, label_smoothing, policy)
   tokens = jnp.maximum(tokens, 1.0)
   return total / tokens, tokens
 
@@ -75,7 +89,8 @@ def split_trained(params, trained: Callable | None):
 
 def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
                     label_smoothing: float = 0.0, batch_sharding=None,
-                    trained: Callable | None = None):
+                    trained: Callable | None = None,
+                    policy: tuple[float, float, int] | None = None):
   """step(params, opt_state, step, healthy, batch) ->
   (params, opt_state, step + 1, healthy, metrics).
 
@@ -106,12 +121,13 @@ def make_train_step(graphdef, tx, schedule, seed: int = 0, accum_steps: int = 1,
     tokens = batch["loss_mask"].sum()
     scale = 1.0 / jnp.maximum(tokens, 1.0)
     if accum_steps == 1:
-      (_, total), grads = grad_fn(learn, frozen, scale, graphdef, batch, key, label_smoothing)
+      (_, total), grads = grad_fn(learn, frozen, scale, graphdef, batch, key, label_smoothing,
+                                 policy)
     else:
       def one(carry, xs):
         j, mb = xs
         (_, t), g = grad_fn(learn, frozen, scale, graphdef, mb, jax.random.fold_in(key, j),
-                            label_smoothing)
+                            label_smoothing, policy)
         acc_g, acc_t = carry
         return (jax.tree.map(jnp.add, acc_g, g), acc_t + t), None
 
@@ -156,6 +172,15 @@ class Setup:
   train_step: Any  # jitted; donates params, opt_state and step
 
 
+def _policy(t: ConfigDict) -> tuple[float, float, int] | None:
+  """SCST's sampling distribution, where it is not the model's own."""
+  if t.get("objective", "xent") != "scst":
+    return None
+  s = t.scst
+  policy = (float(s.temperature), float(s.top_p), int(s.top_k))
+  return None if policy == (1.0, 1.0, 0) else policy
+
+
 def setup(cfg: ConfigDict, mesh: Mesh) -> Setup:
   """The model's abstract shapes first, then jitted initialisation straight
   into their shardings (no full copy on any host) and the jitted step with
@@ -181,7 +206,7 @@ def setup(cfg: ConfigDict, mesh: Mesh) -> Setup:
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
       make_train_step(graphdef, tx, optim.schedule(cfg.train), cfg.seed, cfg.train.accum_steps,
-                      cfg.train.label_smoothing, batch_sh, trained),
+                      cfg.train.label_smoothing, batch_sh, trained, _policy(cfg.train)),
       in_shardings=(param_sh, opt_sh, step_sh, step_sh, batch_sh),
       out_shardings=(param_sh, opt_sh, step_sh, step_sh, step_sh),
       donate_argnums=(0, 1, 2))
