@@ -103,10 +103,12 @@ def get_config() -> ConfigDict:
   # training (trainer/scst.py), the reward CIDEr-D (+ bleu_weight x BLEU-4) of
   # `samples` captions drawn per image, against the mean of the image's other
   # samples ("mean") or its greedy caption's ("greedy"). The batch's captions
-  # (captions_per_image of them) are the references.
+  # (captions_per_image of them) are the references; xent_weight > 0 adds
+  # their cross-entropy, each token weighted by it.
   c.train.objective = "xent"
   c.train.scst = ConfigDict(dict(samples=5, temperature=1.0, top_p=1.0, top_k=0,
-                                 max_length=24, baseline="mean", bleu_weight=0.0))
+                                 max_length=24, baseline="mean", bleu_weight=0.0,
+                                 xent_weight=0.0))
   c.train.nonfinite = "stop"  # a non-finite loss: "stop" (last good state kept) or "skip" the step
   c.train.log_every = 20
   c.train.peak_flops = 0.0  # one device's peak FLOP/s for MFU; 0: known TPUs and GPUs only

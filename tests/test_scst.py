@@ -149,17 +149,24 @@ import jax, numpy as np
 from trainer import config as config_lib, scst, sharding, step as step_lib
 cfg = config_lib.load(sys.argv[1], ["config.model.decoder.vocab_size=300",
                                     "config.train.objective=scst", "config.train.scst.top_k=3",
-                                    "config.train.scst.temperature=0.8"])
+                                    "config.train.scst.temperature=0.8",
+                                    "config.train.scst.xent_weight=0.5"])
 cfg.model.decoder.update(bos_token_id=0, eos_token_id=0, pad_token_id=0)
 rng = np.random.default_rng(0)
 samples = rng.integers(1, 300, (8, 5, 10))
 samples[:, :, 6:] = 0  # ended
 critic = scst.Critic.__new__(scst.Critic)
-critic.start, critic.eos = (0,), 0
+critic.start, critic.eos, critic.pad, critic.s = (0,), 0, 0, cfg.train.scst
 local = critic.teacher_forced(samples)
 local.pop("length")
 local.update(image=rng.integers(0, 256, (8, 32, 32, 3)).astype(np.uint8),
              skipped=np.zeros(8, np.int32), advantage=rng.normal(size=(8, 5)).astype(np.float32))
+refs = rng.integers(1, 300, (8, 3, 9))  # 3 references an image, shorter than the samples
+ref_mask = (np.arange(8) < rng.integers(2, 9, (8, 3, 1))).astype(np.float32)
+local = critic.with_references(local, {"input_ids": refs[..., :-1], "labels": refs[..., 1:],
+                                       "loss_mask": ref_mask})
+assert local["input_ids"].shape == (8, 8, 10) and local["loss_mask"][:, 5:, 8:].sum() == 0
+assert (local["advantage"][:, 5:] == 0.5).all() and local["sampled"].sum() == 40
 out = []
 for n, axes in ((1, (1, 1, 1)), (8, (2, 2, 2))):
   cfg.mesh.update(data=axes[0], fsdp=axes[1], tensor=axes[2])
@@ -178,7 +185,8 @@ print(json.dumps(out))
 def test_an_scst_step_sharded_equals_one_device_given_the_same_samples():
   """The SCST step (advantage-weighted log-probabilities of 5 samples an
   image behind one encoder pass, under the top-3 distribution at temperature
-  0.8 they are drawn from) as data=2, fsdp=2, tensor=2 on 8 devices:
+  0.8 they are drawn from, and 3 references' cross-entropy at weight 0.5)
+  as data=2, fsdp=2, tensor=2 on 8 devices:
   the loss, gradient norm and updated parameters of one device, within 1e-5."""
   proc = subprocess.run([sys.executable, "-c", SHARDED_STEP, TINY_CONFIG], cwd=REPO,
                         capture_output=True, text=True, timeout=300,

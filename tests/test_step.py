@@ -136,24 +136,27 @@ def test_a_bfloat16_first_moment_trains_as_float32_does():
 
 @pytest.mark.parametrize("policy", [(1.0, 1.0, 0), (0.7, 1.0, 3), (1.0, 0.8, 0), (1.3, 0.9, 5)])
 def test_scst_loss_is_the_sampling_distributions_log_probability(policy):
-  """With an advantage per caption (SCST), each token's loss is -A log q,
-  q the distribution samples are drawn from: softmax(logits / T) cut to the
-  top k and to the top-p mass, renormalised (numpy here, sorting each row).
-  Tokens outside it (the padding after EOS, a sample rounding put at the
-  cut) count as the temperature's softmax within the cut plus themselves,
-  and no gradient is non-finite."""
+  """With an advantage per caption (SCST), each sampled token's loss is
+  -A log q, q the distribution samples are drawn from: softmax(logits / T)
+  cut to the top k and to the top-p mass, renormalised (numpy here, sorting
+  each row). Tokens outside it (the padding after EOS, a sample rounding put
+  at the cut) count as the temperature's softmax within the cut plus
+  themselves, and no gradient is non-finite. Captions not sampled (the
+  references of train.scst.xent_weight) keep the model's softmax."""
   t, top_p, k = policy
   graphdef, params, batch = _model_and_batch()
   rng = np.random.default_rng(1)
   adv = rng.normal(size=batch["labels"].shape[:2]).astype(np.float32)
-  batch = {**batch, "advantage": jnp.asarray(adv)}
+  sampled = np.ones(adv.shape, np.float32)
+  sampled[::3, 1] = 0  # some captions are references
+  batch = {**batch, "advantage": jnp.asarray(adv), "sampled": jnp.asarray(sampled)}
   loss, tokens = step_lib.loss_fn(params, graphdef, batch, policy=policy)
   logits = np.asarray(nnx.merge(graphdef, params)(batch["image"], batch["input_ids"]),
                       np.float64) / t
   labels, mask = np.asarray(batch["labels"]), np.asarray(batch["loss_mask"])
   want = 0.0
   for idx in np.ndindex(*labels.shape):
-    x = logits[idx]
+    x = logits[idx] if sampled[idx[:2]] else logits[idx] * t  # a reference: the softmax
     order = np.argsort(-x, kind="stable")
     keep = np.zeros(x.shape, bool)
     order = order[:k or len(x)]  # top-p within the top k, as transformers filters
@@ -161,6 +164,7 @@ def test_scst_loss_is_the_sampling_distributions_log_probability(policy):
     p /= p.sum()
     keep[order[np.cumsum(p) - p < top_p]] = True
     keep[labels[idx]] = True
+    keep |= not sampled[idx[:2]]
     lse = np.log(np.exp(x[keep] - x.max()).sum()) + x.max()
     want += mask[idx] * adv[idx[:2]] * (lse - x[labels[idx]])
   assert float(loss) == pytest.approx(want / mask.sum(), rel=1e-5)

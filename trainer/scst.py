@@ -12,7 +12,9 @@ baseline of a sample is the mean reward of the image's other samples
 (`baseline="mean"`) or its greedy caption's (`"greedy"`), and the step's
 loss is the advantage-weighted negative log-probability of each sampled
 token, one teacher-forced pass over the K samples behind one encoder pass
-(`trainer.step`, the batch's `advantage`).
+(`trainer.step`, the batch's `advantage`); with `xent_weight` > 0 the
+image's references join that pass, their tokens' cross-entropy weighted by
+it (a mixed objective, as Paulus et al. 2018).
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ def check_config(cfg: ConfigDict) -> None:
     raise ValueError(f"train.scst.baseline: {s.baseline!r} is not one of {', '.join(BASELINES)}")
   if s.baseline == "mean" and s.samples < 2:
     raise ValueError("train.scst.baseline='mean' needs train.scst.samples >= 2")
+  if s.get("xent_weight", 0.0) < 0:
+    raise ValueError(f"train.scst.xent_weight: {s.xent_weight} (>= 0)")
   if cfg.train.accum_steps != 1:
     raise ValueError("train.objective='scst' takes train.accum_steps=1")
 
@@ -220,7 +224,7 @@ class Critic:
     self.mesh, self.s = mesh, cfg.train.scst
     self.tok = tokenizer_lib.load(tokenizer_dir)
     dec = cfg.model.decoder
-    self.eos = dec.eos_token_id
+    self.eos, self.pad = dec.eos_token_id, dec.pad_token_id
     self.start = transforms.start_tokens(self.tok, cfg.model, dec.bos_token_id)
     self.sample = make_sample_fn(graphdef, cfg, self.start, self.eos, dec.pad_token_id,
                                  param_sh, sharding.batch_sharding(mesh))
@@ -249,6 +253,25 @@ class Critic:
     return {"input_ids": seq[..., :-1], "labels": seq[..., 1:], "loss_mask": mask,
             "length": length}
 
+  def with_references(self, batch: dict, local: dict) -> dict:
+    """The samples' batch [B, K, T] and the references' [B, C, T'] as one
+    [B, K + C, max(T, T')]: each reference's tokens carry the loss weight
+    `xent_weight` in place of an advantage (cross-entropy mixed in), and
+    `sampled` tells the step which rows were drawn."""
+    t = max(batch["input_ids"].shape[-1], local["input_ids"].shape[-1])
+
+    def join(key, value=0):
+      pad = lambda x: np.pad(x, [(0, 0), (0, 0), (0, t - x.shape[-1])], constant_values=value)
+      return np.concatenate([pad(batch[key]), pad(local[key])], 1).astype(batch[key].dtype)
+
+    b, k, c = *batch["advantage"].shape, local["input_ids"].shape[1]
+    return {**batch, "input_ids": join("input_ids", self.pad),
+            "labels": join("labels", self.pad), "loss_mask": join("loss_mask"),
+            "advantage": np.concatenate([batch["advantage"], np.full(
+                (b, c), self.s.xent_weight, np.float32)], 1),
+            "sampled": np.concatenate([np.ones((b, k), np.float32),
+                                       np.zeros((b, c), np.float32)], 1)}
+
   def __call__(self, params, local: dict, step: int) -> tuple[dict, dict[str, float]]:
     from trainer import generate, sharding
     images = sharding.global_batch({"image": local["image"]}, self.mesh)["image"]
@@ -270,6 +293,8 @@ class Critic:
     batch["loss_mask"] *= usable[:, None, None]
     batch.update(image=local["image"], skipped=local["skipped"],
                  advantage=adv.astype(np.float32))
+    if self.s.get("xent_weight", 0.0):
+      batch = self.with_references(batch, local)
     u = usable[:, None]
     sums = np.array([(sample_r * u).sum() / k, (base * u).sum() / k, adv.sum() / k,
                      (adv ** 2).sum() / k, (cider[:b * k].reshape(b, k) * u).sum() / k,

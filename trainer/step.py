@@ -44,7 +44,10 @@ def token_losses(params, graphdef, batch, key=None, label_smoothing: float = 0.0
     if policy is not None:
       x = generate.truncate(logits.reshape(-1, logits.shape[-1]), *policy).reshape(logits.shape)
       # the sampled token stays in even where rounding put it at the cut
-      logits = jnp.where(jax.nn.one_hot(labels, x.shape[-1], dtype=bool), logits / policy[0], x)
+      x = jnp.where(jax.nn.one_hot(labels, x.shape[-1], dtype=bool), logits / policy[0], x)
+      # references (train.scst.xent_weight) keep the model's own softmax
+      logits = x if "sampled" not in batch else jnp.where(
+          batch["sampled"][..., None, None] > 0, x, logits)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     ce = ce * batch["advantage"][..., None]
   elif label_smoothing:
