@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from typing import Any
 
 import jax
@@ -91,6 +92,7 @@ class Cadence:
     if jax.process_count() > 1 and any(_PEER_LOST.search(str(e)) for e in chain(error)):
       return _peer_lost(error, self._pending[-1:], os.path.dirname(str(self._mngr.directory)))
     if jax.process_index() == 0:
+      self._settle()
       for path in _tmp_folders(self._mngr):
         fs.rmtree(path)
     self._mngr.reload()
@@ -111,6 +113,19 @@ class Cadence:
         + f"about {self._nbytes / 2**20:,.1f} MiB needed; "
         f"{keep}: run the same command to resume once there is room (details: "
         f"{faults.log_path(os.path.dirname(root))})")
+
+  def _settle(self, timeout: float = 30.0) -> None:
+    """Waits (at most `timeout` seconds) for the save's background writes
+    to end, their errors ignored: a write still running after the error
+    would put the temporary folder back after it is removed."""
+    def wait():
+      try:
+        self._mngr.wait_until_finished()
+      except Exception:  # the failure being reported, or one like it
+        pass
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout)
 
   def _guarded(self, call, *args, **kwargs) -> None:
     try:
