@@ -226,7 +226,7 @@ class Critic:
     dec = cfg.model.decoder
     self.eos, self.pad = dec.eos_token_id, dec.pad_token_id
     self.start = transforms.start_tokens(self.tok, cfg.model, dec.bos_token_id)
-    self.sample = make_sample_fn(graphdef, cfg, self.start, self.eos, dec.pad_token_id,
+    self.sample = make_sample_fn(graphdef, cfg, self.start, self.eos, self.pad,
                                  param_sh, sharding.batch_sharding(mesh))
     self.df = document_frequencies(cfg, workdir)
 
