@@ -45,13 +45,23 @@ def _tree(pid: int) -> list[int]:
   return found
 
 
-def peak_memory(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02,
-             timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
-  """Runs `cmd`; returns its CompletedProcess and the sum, over every process
-  in its tree, of the most memory of its own it held at a sample, in bytes."""
+def _name(pid: int) -> str:
+  """The end of `pid`'s command line (where prepare's processes differ)."""
+  try:
+    with open(f"/proc/{pid}/cmdline") as f:
+      return f.read().replace("\0", " ").strip()[-60:]
+  except OSError:
+    return "?"
+
+
+def peaks(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02,
+          timeout: float = 600) -> tuple[subprocess.CompletedProcess, dict[int, tuple[str, int]]]:
+  """Runs `cmd`; returns its CompletedProcess and, for every process seen in
+  its tree, (its command line when first seen, the most memory of its own it
+  held at a sample, in bytes), by pid."""
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env)
-  marks: dict[int, int] = {}
+  marks: dict[int, tuple[str, int]] = {}
   deadline = time.monotonic() + timeout
   out: dict[str, str] = {}
   reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"),
@@ -59,10 +69,19 @@ def peak_memory(cmd: Sequence[str], env: dict | None = None, interval: float = 0
   reader.start()
   while proc.poll() is None and time.monotonic() < deadline:
     for p in _tree(proc.pid):
-      marks[p] = max(marks.get(p, 0), _own(p))
+      name, most = marks.get(p) or (_name(p), 0)
+      marks[p] = (name, max(most, _own(p)))
     time.sleep(interval)
   if proc.poll() is None:
     proc.kill()
   reader.join()
   return subprocess.CompletedProcess(cmd, proc.returncode, out.get("stdout", ""),
-                                     out.get("stderr", "")), sum(marks.values())
+                                     out.get("stderr", "")), marks
+
+
+def peak_memory(cmd: Sequence[str], env: dict | None = None, interval: float = 0.02,
+                timeout: float = 600) -> tuple[subprocess.CompletedProcess, int]:
+  """Runs `cmd`; returns its CompletedProcess and the sum, over every process
+  in its tree, of the most memory of its own it held at a sample, in bytes."""
+  proc, marks = peaks(cmd, env, interval, timeout)
+  return proc, sum(most for _, most in marks.values())

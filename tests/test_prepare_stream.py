@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from bench.memory import peak_memory
+from bench.memory import peaks
 from pipeline import images, prepare, records, sources
 from tests.conftest import REPO, run_capjax
 
@@ -123,20 +123,27 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
   """Peak memory of the whole process tree, 300 vs 1,200 JPEGs of 320x240
   noise, in two shards: each worker's ArrayRecord writer settles at a fixed
   buffer (about 18 MiB here) once a shard passes about 20 MiB, so both sizes
-  start past it, and what is left to see is any growth with the input."""
-  peaks, sizes = [], []
+  start past it, and what is left to see is any growth with the input (about
+  1% of it, measured; holding the input would be 100%). Each size runs twice
+  and the lower sum counts, so that a process caught once in passing does not."""
+  runs, sizes = [], []
   for n in (300, 1200):
     table, total = _noise_table(tmp_path / str(n), n, seed=n)
-    proc, peak = peak_memory([sys.executable, "-m", "trainer.cli", "prepare", str(table),
-                              "--out", str(tmp_path / f"out{n}"), "--workers", "2",
-                              "--num-shards", "2"])
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[-1])["records"] == n
-    peaks.append(peak)
+    tries = []
+    for attempt in range(2):
+      proc, marks = peaks([sys.executable, "-m", "trainer.cli", "prepare", str(table), "--out",
+                           str(tmp_path / f"out{n}-{attempt}"), "--workers", "2",
+                           "--num-shards", "2"])
+      assert proc.returncode == 0, proc.stderr
+      assert json.loads(proc.stdout.splitlines()[-1])["records"] == n
+      tries.append(marks)
+    runs.append(min(tries, key=lambda m: sum(most for _, most in m.values())))
     sizes.append(total)
   extra = sizes[1] - sizes[0]
   assert extra > 100 << 20
-  assert peaks[1] - peaks[0] < 0.05 * extra, (peaks, sizes)
+  small, large = (sum(most for _, most in marks.values()) for marks in runs)
+  shown = [sorted((round(most / 2**20, 1), name) for name, most in m.values()) for m in runs]
+  assert large - small < 0.05 * extra, (small, large, sizes, shown)
 
 
 def test_beam_runner_writes_what_the_local_runner_writes(tmp_path):
