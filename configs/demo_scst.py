@@ -6,10 +6,11 @@ every strong COCO recipe, on the demo's data. After `make demo`:
 It starts from the cross-entropy run in runs/demo and trains on the CIDEr-D
 of 5 captions sampled per image from the model's softmax, each against the
 mean reward of the image's other 4 (as configs/coco_scst.py), with the
-cross-entropy of the image's five references mixed in at weight 1: on this
-small model, SCST alone swings from one evaluation to the next (the README
-has both). The validation split is captioned and scored every 250 steps,
-and the model scoring the highest CIDEr-D is kept in runs/demo_scst/best.
+cross-entropy of the image's five references mixed in at weight 1, at a
+rate warmed up over 100 steps to 2e-4 and annealed to 0 (the README has
+what each choice brings). The validation split is captioned and scored
+every 250 steps, and the model scoring the highest CIDEr-D is kept in
+runs/demo_scst/best.
 """
 
 from ml_collections import ConfigDict
@@ -26,9 +27,12 @@ def get_config() -> ConfigDict:
   c.data.captions_per_image = 5  # every reference of an image
   c.train.steps = 1000
   c.train.batch_size = 32
-  c.train.learning_rate = 5e-5
-  c.train.warmup_steps = 0
-  c.train.schedule = "constant"
+  # Warmed up (Adam's state starts afresh) and annealed to 0, as the
+  # cross-entropy run ended: a constant 5e-5 ends at CIDEr-D 4.442 and
+  # content accuracy 0.466, this at 4.638 and 0.502 (README).
+  c.train.learning_rate = 2e-4
+  c.train.warmup_steps = 100
+  c.train.schedule = "cosine"
   c.train.log_every = 250
   c.checkpoint.every_steps = 500
   c.checkpoint.best_metric = "cider"
