@@ -84,4 +84,9 @@ def peak_memory(cmd: Sequence[str], env: dict | None = None, interval: float = 0
   """Runs `cmd`; returns its CompletedProcess and the sum, over every process
   in its tree, of the most memory of its own it held at a sample, in bytes."""
   proc, marks = peaks(cmd, env, interval, timeout)
-  return proc, sum(most for _, most in marks.values())
+  return proc, peak_sum(marks)
+
+
+def peak_sum(marks: dict[int, tuple[str, int]]) -> int:
+  """The sum of `peaks`' per-process peaks, in bytes."""
+  return sum(most for _, most in marks.values())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from bench.memory import peaks
+from bench.memory import peak_sum, peaks
 from pipeline import images, prepare, records, sources
 from tests.conftest import REPO, run_capjax
 
@@ -137,11 +137,11 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path):
       assert proc.returncode == 0, proc.stderr
       assert json.loads(proc.stdout.splitlines()[-1])["records"] == n
       tries.append(marks)
-    runs.append(min(tries, key=lambda m: sum(most for _, most in m.values())))
+    runs.append(min(tries, key=peak_sum))
     sizes.append(total)
   extra = sizes[1] - sizes[0]
   assert extra > 100 << 20
-  small, large = (sum(most for _, most in marks.values()) for marks in runs)
+  small, large = map(peak_sum, runs)
   shown = [sorted((round(most / 2**20, 1), name) for name, most in m.values()) for m in runs]
   assert large - small < 0.05 * extra, (small, large, sizes, shown)
 
