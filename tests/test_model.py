@@ -215,6 +215,24 @@ def test_sampling_draws_within_top_p():
   assert len({tuple(r) for r in np.asarray(wide).tolist()}) > 1
 
 
+@pytest.mark.parametrize("vocab", [384, 1000])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_top_k_and_kth_largest_equal_lax_top_k(vocab, k):
+  """Values on a grid (ties within and across the candidate blocks) and
+  masked tokens (-inf, fewer finite than k in the last row)."""
+  rng = np.random.default_rng(k)
+  x = np.round(rng.normal(size=(6, vocab)) * 4) / 4
+  x[0, ::2] = -np.inf
+  x[-1, k // 2:] = -np.inf
+  x = jnp.asarray(x, jnp.float32)
+  values, index = jax.lax.top_k(x, k)
+  got_values, got_index = generate.top_k(x, k)
+  np.testing.assert_array_equal(got_values, values)
+  np.testing.assert_array_equal(got_index, index)
+  np.testing.assert_array_equal(jax.jit(generate.kth_largest, static_argnums=1)(x, k),
+                                values[:, -1:])
+
+
 def test_cached_greedy_equals_full_recompute():
   m = _model()
   rng = np.random.default_rng(1)
