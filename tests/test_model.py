@@ -233,6 +233,30 @@ def test_top_k_and_kth_largest_equal_lax_top_k(vocab, k):
                                 values[:, -1:])
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_nucleus_floor_equals_a_sorted_cumulative_sum(top_p):
+  """The last logit inside the nucleus, against numpy in float64: ties, a
+  masked token, one token holding it all; rows whose boundary lies within
+  rounding of top_p are not compared."""
+  rng = np.random.default_rng(int(top_p * 1000))
+  x = np.round(rng.normal(size=(64, 384)) * rng.uniform(0.5, 8, (64, 1)) * 4) / 4
+  x[0, 5] = -np.inf
+  x[1, 7] = 100.0
+  got = np.asarray(jax.jit(generate.nucleus_floor, static_argnums=1)(jnp.asarray(x, jnp.float32),
+                                                                     top_p))[:, 0]
+  compared = 0
+  for row, floor in zip(x, got):
+    order = np.sort(row)[::-1]
+    p = np.exp(order - order[0])
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    if np.min(np.abs(before - top_p)) < 2e-6:
+      continue
+    assert floor == order[before < top_p].min()
+    compared += 1
+  assert compared >= 56
+
+
 def test_cached_greedy_equals_full_recompute():
   m = _model()
   rng = np.random.default_rng(1)
