@@ -19,7 +19,6 @@ import functools
 import logging
 import os
 import sys
-import threading
 import time
 import weakref
 from multiprocessing import shared_memory
@@ -184,8 +183,12 @@ class _IntoRing(grain.transforms.Map):
     return batch
 
 
-def _worker_init(parent: int, started_on_main_thread: bool, index: int, count: int) -> None:
-  shm.die_with_parent(parent, started_on_main_thread)
+def _worker_init(parent: int, index: int, count: int) -> None:
+  # Grain starts its workers from a thread of its own, which ends when the
+  # stream closes: a parent-death signal bound to it would SIGKILL a worker
+  # while it writes a batch into the queue that close() then drains, and the
+  # drain would wait forever for the rest. So only the poll.
+  shm.die_with_parent(parent, started_on_main_thread=False)
 
 
 class BatchStream:
@@ -229,8 +232,7 @@ class BatchStream:
         it, grain.experimental.DatasetOptions(min_shm_size=1 << 16))
     return iter(it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=self._workers, per_worker_buffer_size=self._prefetch),
-        worker_init_fn=functools.partial(_worker_init, os.getpid(),
-                                         threading.current_thread() is threading.main_thread())))
+        worker_init_fn=functools.partial(_worker_init, os.getpid())))
 
   def __iter__(self) -> "BatchStream":
     return self

@@ -131,6 +131,32 @@ def test_worker_images_come_through_the_ring_unchanged(prepared, tmp_path):
   assert ring_file not in _ring_files()  # removed with the stream
 
 
+def test_closing_the_stream_ends_its_worker_without_a_kill(prepared, tmp_path):
+  """Grain starts the workers from a thread of its own that ends at close: a
+  parent-death signal bound to it killed a worker mid-write, and close then
+  waited forever on the half-written batch. The worker must end on its own."""
+  import multiprocessing
+  import threading
+  tok_dir = str(tmp_path / "tok")
+  tokenizer.train_bpe(["a red circle", "two blue squares"] * 20, 280, tok_dir)
+  src = sources.open_source(prepared["train"])
+  make_batch = transforms.TrainBatch(32, tok_dir, 12, 2, seed=2)
+  before = set(multiprocessing.active_children())
+  stream = loader.train_stream(src, make_batch, 8, 3, workers=1, prefetch=4)
+  for _ in range(3):
+    next(stream)
+  workers = set(multiprocessing.active_children()) - before
+  assert len(workers) == 1
+  time.sleep(0.5)  # the worker fills its buffer, and waits
+  closing = threading.Thread(target=stream.close, daemon=True)
+  closing.start()
+  closing.join(60)
+  assert not closing.is_alive(), "close() did not return within 60 s"
+  worker = workers.pop()
+  worker.join(30)
+  assert worker.exitcode == 0
+
+
 def test_ring_removed_when_the_process_is_killed(tmp_path):
   """The slots live in /dev/shm: a SIGKILLed run must not leave them."""
   code = ("from pipeline import loader; import sys, time\n"
