@@ -124,6 +124,9 @@ def _run_here(out_dir: str, units: list, todo: list[int], options: shards.Option
 
 def _run_local(out_dir: str, units: list, todo: list[int], options: shards.Options,
                workers: int, progress: Progress) -> None:
+  # The pool's semaphores live in /dev/shm: named for this output, so that a
+  # prepare killed whole (its resource tracker with it) has its rerun remove them.
+  shm.claim(out_dir)
   ctx = multiprocessing.get_context("forkserver")
   ctx.set_forkserver_preload(_preload())  # workers start from a process that has imported them
   reports = ctx.Queue()  # (shard, work, kept, skipped) from the workers; None: one ended

@@ -14,7 +14,7 @@ import pytest
 import simplejpeg
 
 from bench.memory import peak_sum, peaks
-from pipeline import images, prepare, records, sources
+from pipeline import images, prepare, records, shm, sources
 from tests.conftest import REPO, run_capjax
 
 
@@ -66,8 +66,11 @@ def test_killed_prepare_resumes_to_identical_shards(tmp_path, workers):
   assert not (out / records.MANIFEST).exists()
   with pytest.raises(FileNotFoundError, match="did not finish: run it again"):
     records.PreparedSource(str(out))
+  # the pool's semaphores, left in /dev/shm with the tracker killed too
+  assert bool(shm.leftovers(str(out))) == (workers == "2")
 
   again = run_capjax("prepare", *args, "--out", str(out))
+  assert not shm.leftovers(str(out))
   kept = int(again.stderr.split("prepare: ")[1].split(" of 8 shards already written")[0])
   assert kept >= written and kept < 8
   assert "prepare: done, 240 records in 8 shards" in again.stderr
