@@ -1,13 +1,14 @@
 """What a run keeps in /dev/shm, named so that it can be cleared safely.
 
 A training run's loader makes POSIX semaphores (for Grain's worker queues)
-and the image ring there. Python's resource tracker removes them when their
-process dies, but a run killed whole (SIGKILL to its process group, as a
-scheduler does) takes the tracker with it, and each such run left about 25
-`sem.mp-*` files behind. `claim(workdir)` names everything this process makes
-there `capjax-RUN-PID-*` (RUN a hash of the run directory) and, before that,
-removes what processes of the same run that are no longer alive left: never
-another run's files, never a living process's.
+and the image ring there, and `prepare`'s pool its semaphores. Python's
+resource tracker removes them when their process dies, but a run killed
+whole (SIGKILL to its process group, as a scheduler does) takes the tracker
+with it, and each such run left about 25 `sem.mp-*` files behind (a prepare
+11). `claim(workdir)` (for prepare, its output folder) names everything this
+process makes there `capjax-RUN-PID-*` (RUN a hash of the folder) and,
+before that, removes what processes of the same run that are no longer
+alive left: never another run's files, never a living process's.
 
 Worker processes call `die_with_parent`: a worker whose parent is gone exits
 by itself instead of holding memory, the launcher's pipe and the tracker.
